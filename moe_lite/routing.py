@@ -1,0 +1,223 @@
+"""The `Routing` record: what a router decided, and every statistic derived from it.
+
+Axis legend used throughout the package:
+    b batch, l tokens per sample, e experts, n = b*l flat tokens, a assignments (token, expert) pairs.
+
+A router turns logits ``[B, L, E]`` into a :class:`Routing`; experts, losses, statistics and plots
+only ever read a ``Routing``. Nothing here holds state between calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Routing",
+    "routing_summary",
+    "combination_usage",
+    "max_violation",
+    "load_cv",
+    "by_label",
+]
+
+
+@dataclass
+class Routing:
+    """A routing decision for ``N = B*L`` tokens over ``E`` experts.
+
+    Attributes:
+        logits: float ``[B, L, E]``, the router's raw logits (what losses read).
+        token: long ``[A]``, flat token index in ``[0, N)`` of each assignment.
+        expert: long ``[A]``, expert index in ``[0, E)`` of each assignment.
+        weight: float ``[A]``, combine weight of each assignment (carries gradient to the router).
+        num_experts: ``E``.
+        scores: optional float ``[B, L, E]``, the gating scores the router selected on
+            (softmax, sigmoid or identity of the logits); ``None`` means softmax(logits).
+        info: router-specific scalars or tensors worth logging (e.g. ``threshold`` for Race,
+            ``capacity`` for Switch). Never used by the dispatch.
+
+    Each (token, expert) pair appears at most once. A token with no assignment gets zero
+    from the routed experts (for Switch this is a *dropped* token).
+    """
+
+    logits: Tensor
+    token: Tensor
+    expert: Tensor
+    weight: Tensor
+    num_experts: int
+    scores: Optional[Tensor] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    # ---- shapes -------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """``N = B * L``."""
+        return self.logits.shape[0] * self.logits.shape[1]
+
+    @property
+    def num_assignments(self) -> int:
+        """``A``."""
+        return int(self.token.numel())
+
+    # ---- derived views ------------------------------------------------------------------------
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        """long ``[E]``: how many tokens each expert received."""
+        return torch.bincount(self.expert, minlength=self.num_experts)
+
+    @property
+    def experts_per_token(self) -> Tensor:
+        """long ``[N]``: how many experts each flat token was sent to (0 = skipped/dropped)."""
+        return torch.bincount(self.token, minlength=self.num_tokens)
+
+    @property
+    def mask(self) -> Tensor:
+        """bool ``[N, E]``: ``mask[n, e]`` is True when token n was sent to expert e."""
+        m = torch.zeros(self.num_tokens, self.num_experts, dtype=torch.bool, device=self.token.device)
+        m[self.token, self.expert] = True
+        return m
+
+    @property
+    def dense_weight(self) -> Tensor:
+        """float ``[N, E]``: combine weights scattered into a dense matrix (0 where unassigned)."""
+        w = torch.zeros(self.num_tokens, self.num_experts, dtype=self.weight.dtype, device=self.weight.device)
+        return w.index_put((self.token, self.expert), self.weight)
+
+    @property
+    def probs(self) -> Tensor:
+        """float ``[N, E]``: softmax of the logits over experts (what the balance losses use)."""
+        return self.logits.reshape(-1, self.num_experts).float().softmax(-1)
+
+    def summary(self) -> Dict[str, float]:
+        """Plain-float statistics of this routing; see :func:`routing_summary`."""
+        return routing_summary(self)
+
+
+# ---- statistics -------------------------------------------------------------------------------
+def load_cv(tokens_per_expert: Tensor) -> float:
+    """Coefficient of variation (std / mean, population std) of the per-expert load. 0 = balanced."""
+    load = tokens_per_expert.float()
+    mean = load.mean()
+    if mean <= 0:
+        return 0.0
+    return float(load.std(unbiased=False) / mean)
+
+
+def max_violation(tokens_per_expert: Tensor) -> float:
+    """MaxVio = (max load - mean load) / mean load (Wang et al. 2024). 0 = balanced."""
+    load = tokens_per_expert.float()
+    mean = load.mean()
+    if mean <= 0:
+        return 0.0
+    return float((load.max() - mean) / mean)
+
+
+def combination_usage(mask: Tensor, coverage: float = 0.95) -> float:
+    """Combination usage in percent (Expert Race paper, Fig. 13).
+
+    Count, for every unordered expert pair (i < j), the tokens whose selected set holds both;
+    sort the counts descending, normalise, and return the share of all ``E*(E-1)/2`` pairs needed
+    before the cumulative sum reaches ``coverage``. High = many distinct pairs in use.
+
+    Args:
+        mask: bool ``[N, E]``.
+    Returns:
+        A float in [0, 100]; 0.0 when no token has two experts (no co-activation at all).
+    """
+    m = mask.float()
+    num_experts = m.shape[1]
+    if num_experts < 2:
+        return 0.0
+    co = m.T @ m  # [E, E] co-selection counts
+    iu = torch.triu_indices(num_experts, num_experts, offset=1, device=co.device)
+    counts = co[iu[0], iu[1]]  # [E*(E-1)/2]
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    share = counts.sort(descending=True).values / total
+    # pairs strictly below the coverage line, plus the one that crosses it
+    needed = int((share.cumsum(0) < coverage - 1e-9).sum().item()) + 1
+    return 100.0 * min(needed, counts.numel()) / counts.numel()
+
+
+def routing_summary(routing: Routing) -> Dict[str, float]:
+    """Every headline statistic of one routing decision, as plain floats.
+
+    Keys: ``experts_per_token`` (mean), ``experts_per_token_max``, ``dropped_fraction`` (share of
+    tokens with no expert), ``load_cv``, ``max_vio``, ``dead_experts`` (experts with no token),
+    ``combination_usage`` (percent), ``tokens_per_expert_min`` / ``_max``.
+    """
+    tpe = routing.tokens_per_expert
+    ept = routing.experts_per_token
+    return {
+        "experts_per_token": float(ept.float().mean()),
+        "experts_per_token_max": float(ept.max()) if ept.numel() else 0.0,
+        "dropped_fraction": float((ept == 0).float().mean()),
+        "load_cv": load_cv(tpe),
+        "max_vio": max_violation(tpe),
+        "dead_experts": float((tpe == 0).sum()),
+        "combination_usage": combination_usage(routing.mask),
+        "tokens_per_expert_min": float(tpe.min()),
+        "tokens_per_expert_max": float(tpe.max()),
+    }
+
+
+def by_label(routing: Routing, labels: Tensor, num_labels: Optional[int] = None) -> Dict[str, Tensor]:
+    """Break routing down by a per-token label (class, diffusion timestep bucket, patch position).
+
+    Args:
+        routing: a Routing over ``N = B*L`` tokens.
+        labels: long, either ``[B]`` (one label per sample, e.g. its class or timestep bucket,
+            broadcast over its L tokens), ``[L]`` (one per position, e.g. the patch index,
+            broadcast over the batch), ``[B, L]`` or ``[N]``.
+        num_labels: number of label values; defaults to ``labels.max() + 1``.
+
+    Returns a dict of tensors, row ``c`` for label ``c``:
+        ``counts`` float ``[C, E]``: assignments of label-c tokens to each expert;
+        ``fraction`` float ``[C, E]``: share of label-c tokens that were sent to each expert;
+        ``tokens`` float ``[C]``: how many tokens carry label c;
+        ``experts_per_token`` float ``[C]``: mean experts per token within label c (nan if none);
+        ``dropped_fraction`` float ``[C]``: share of label-c tokens with no expert (nan if none).
+    """
+    b, l, n = routing.batch_size, routing.seq_len, routing.num_tokens
+    labels = torch.as_tensor(labels, device=routing.token.device).long()
+    if labels.dim() == 1 and labels.numel() == b and b != n:
+        flat = labels.repeat_interleave(l)
+    elif labels.dim() == 1 and labels.numel() == l and l != n:
+        flat = labels.repeat(b)
+    elif labels.numel() == n:
+        flat = labels.reshape(-1)
+    else:
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} fit neither [B]={b}, [L]={l} nor [B, L]/[N]={n}"
+        )
+    if flat.numel() and flat.min() < 0:
+        raise ValueError("labels must be non-negative integers")
+    c = int(num_labels) if num_labels is not None else int(flat.max()) + 1 if flat.numel() else 0
+    e = routing.num_experts
+    counts = torch.zeros(c, e, device=flat.device)
+    counts.index_put_((flat[routing.token], routing.expert), torch.ones_like(routing.token, dtype=torch.float), accumulate=True)
+    tokens = torch.bincount(flat, minlength=c).float()
+    ept = routing.experts_per_token.float()
+    ept_sum = torch.zeros(c, device=flat.device).index_add_(0, flat, ept)
+    zero_sum = torch.zeros(c, device=flat.device).index_add_(0, flat, (ept == 0).float())
+    denom = tokens.clamp_min(1)
+    nan = torch.full_like(tokens, float("nan"))
+    return {
+        "counts": counts,
+        "fraction": counts / denom[:, None],
+        "tokens": tokens,
+        "experts_per_token": torch.where(tokens > 0, ept_sum / denom, nan),
+        "dropped_fraction": torch.where(tokens > 0, zero_sum / denom, nan),
+    }
