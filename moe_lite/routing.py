@@ -96,8 +96,14 @@ class Routing:
 
     @property
     def probs(self) -> Tensor:
-        """float ``[N, E]``: softmax of the logits over experts (what the balance losses use)."""
-        return self.logits.reshape(-1, self.num_experts).float().softmax(-1)
+        """float ``[N, E]``: softmax of the logits over experts (what the balance losses use).
+
+        Computed in float32 for half / bfloat16 logits; float64 logits stay float64.
+        """
+        logits = self.logits.reshape(-1, self.num_experts)
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        return logits.softmax(-1)
 
     def summary(self) -> Dict[str, float]:
         """Plain-float statistics of this routing; see :func:`routing_summary`."""
@@ -180,7 +186,8 @@ def by_label(routing: Routing, labels: Tensor, num_labels: Optional[int] = None)
         routing: a Routing over ``N = B*L`` tokens.
         labels: long, either ``[B]`` (one label per sample, e.g. its class or timestep bucket,
             broadcast over its L tokens), ``[L]`` (one per position, e.g. the patch index,
-            broadcast over the batch), ``[B, L]`` or ``[N]``.
+            broadcast over the batch), ``[B, L]`` or ``[N]``. When ``B == L`` a 1-D tensor is read
+            as ``[B]``.
         num_labels: number of label values; defaults to ``labels.max() + 1``.
 
     Returns a dict of tensors, row ``c`` for label ``c``:
@@ -196,15 +203,18 @@ def by_label(routing: Routing, labels: Tensor, num_labels: Optional[int] = None)
         flat = labels.repeat_interleave(l)
     elif labels.dim() == 1 and labels.numel() == l and l != n:
         flat = labels.repeat(b)
-    elif labels.numel() == n:
+    elif (labels.dim() == 1 and labels.numel() == n) or tuple(labels.shape) == (b, l):
         flat = labels.reshape(-1)
     else:
         raise ValueError(
-            f"labels of shape {tuple(labels.shape)} fit neither [B]={b}, [L]={l} nor [B, L]/[N]={n}"
+            f"labels of shape {tuple(labels.shape)} fit neither [B]=({b},), [L]=({l},), "
+            f"[B, L]=({b}, {l}) nor [N]=({n},)"
         )
     if flat.numel() and flat.min() < 0:
         raise ValueError("labels must be non-negative integers")
     c = int(num_labels) if num_labels is not None else int(flat.max()) + 1 if flat.numel() else 0
+    if flat.numel() and int(flat.max()) >= c:
+        raise ValueError(f"labels must be < num_labels={c}, got {int(flat.max())}")
     e = routing.num_experts
     counts = torch.zeros(c, e, device=flat.device)
     counts.index_put_((flat[routing.token], routing.expert), torch.ones_like(routing.token, dtype=torch.float), accumulate=True)

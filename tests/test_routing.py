@@ -1,0 +1,309 @@
+"""Spec of moe_lite.routing: the Routing record's views and the statistics derived from it.
+
+Routings are built by hand from (token, expert, weight) triples; no router is involved.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from moe_lite.routing import (
+    Routing,
+    by_label,
+    combination_usage,
+    load_cv,
+    max_violation,
+    routing_summary,
+)
+
+
+def make_routing(b, l, e, triples, logits=None, dtype=torch.float32):
+    """A Routing over B*L tokens from (token, expert, weight) triples."""
+    if logits is None:
+        logits = torch.zeros(b, l, e, dtype=dtype)
+    token = torch.tensor([t for t, _, _ in triples], dtype=torch.long)
+    expert = torch.tensor([x for _, x, _ in triples], dtype=torch.long)
+    weight = torch.tensor([w for _, _, w in triples], dtype=dtype)
+    return Routing(logits=logits, token=token, expert=expert, weight=weight, num_experts=e)
+
+
+def mask_from_sets(sets, e):
+    """bool [N, E] from one set of selected experts per token."""
+    m = torch.zeros(len(sets), e, dtype=torch.bool)
+    for n, s in enumerate(sets):
+        for x in s:
+            m[n, x] = True
+    return m
+
+
+def ref_combination_usage(mask, coverage=Fraction(95, 100)):
+    """Exact loop reference (papers.md §1.2): count co-activations of every pair i < j, sort
+    descending, normalise, and count the pairs needed until the cumulative share reaches 95%."""
+    rows = mask.tolist()
+    e = len(rows[0]) if rows else 0
+    pairs = list(itertools.combinations(range(e), 2))
+    if not pairs:
+        return 0.0
+    counts = sorted((sum(1 for r in rows if r[i] and r[j]) for i, j in pairs), reverse=True)
+    total = sum(counts)
+    if total == 0:
+        return 0.0
+    cum, needed = 0, 0
+    for c in counts:
+        cum += c
+        needed += 1
+        if Fraction(cum, total) >= coverage:
+            break
+    return 100.0 * needed / len(pairs)
+
+
+# ---- the record's views -----------------------------------------------------------------------
+# B=1, L=3, E=3: token0 -> {0 (0.5), 2 (0.3)}, token1 -> {2 (0.9)}, token2 -> nothing
+HAND = [(0, 0, 0.5), (0, 2, 0.3), (1, 2, 0.9)]
+
+
+def test_shapes_and_counts():
+    r = make_routing(1, 3, 3, HAND)
+    assert (r.batch_size, r.seq_len, r.num_tokens, r.num_assignments) == (1, 3, 3, 3)
+    assert r.tokens_per_expert.tolist() == [1, 0, 2]
+    assert r.tokens_per_expert.dtype == torch.long
+    assert r.experts_per_token.tolist() == [2, 1, 0]
+    assert r.experts_per_token.dtype == torch.long
+
+
+def test_mask_and_dense_weight():
+    r = make_routing(1, 3, 3, HAND)
+    assert r.mask.dtype == torch.bool
+    assert r.mask.tolist() == [[True, False, True], [False, False, True], [False, False, False]]
+    assert torch.allclose(r.dense_weight, torch.tensor([[0.5, 0.0, 0.3], [0.0, 0.0, 0.9], [0.0, 0.0, 0.0]]))
+
+
+def test_counts_cover_trailing_empty_tokens_and_experts():
+    # last token and last expert unused: bincount must still return full lengths
+    r = make_routing(2, 2, 4, [(0, 1, 1.0)])
+    assert r.tokens_per_expert.tolist() == [0, 1, 0, 0]
+    assert r.experts_per_token.tolist() == [1, 0, 0, 0]
+    assert r.mask.shape == (4, 4) and r.dense_weight.shape == (4, 4)
+    empty = make_routing(2, 2, 4, [])
+    assert empty.tokens_per_expert.tolist() == [0] * 4 and empty.experts_per_token.tolist() == [0] * 4
+    assert not empty.mask.any()
+
+
+def test_dense_weight_carries_gradient_to_weight():
+    r = make_routing(1, 3, 3, HAND, dtype=torch.float64)
+    w = r.weight.clone().requires_grad_()
+    r = Routing(r.logits, r.token, r.expert, w, 3)
+    coef = torch.arange(9, dtype=torch.float64).reshape(3, 3)
+    (g,) = torch.autograd.grad((r.dense_weight * coef).sum(), w)
+    assert g.tolist() == [0.0, 2.0, 5.0]  # coef at (0,0), (0,2), (1,2)
+
+
+def test_probs_softmax_and_dtype():
+    logits = torch.tensor([[[math.log(3), 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    r = make_routing(1, 2, 2, [(0, 0, 1.0)], logits=logits, dtype=torch.float64)
+    assert r.probs.shape == (2, 2)
+    assert r.probs.dtype == torch.float64  # float64 is kept (gradcheck-able)
+    assert torch.allclose(r.probs, torch.tensor([[0.75, 0.25], [0.5, 0.5]], dtype=torch.float64))
+    bf = make_routing(1, 2, 2, [(0, 0, 1.0)], logits=logits.to(torch.bfloat16))
+    assert bf.probs.dtype == torch.float32  # low precision is upcast
+
+
+# ---- scalar statistics ------------------------------------------------------------------------
+def test_load_cv_and_max_violation_hand_values():
+    # loads [1, 0, 2]: mean 1, population std sqrt(2/3); max_vio = (2 - 1) / 1
+    assert load_cv(torch.tensor([1, 0, 2])) == pytest.approx(math.sqrt(2 / 3))
+    assert max_violation(torch.tensor([1, 0, 2])) == pytest.approx(1.0)
+    # loads [4, 2, 2, 0]: mean 2; max_vio = 1; std = sqrt((4 + 0 + 0 + 4) / 4) = sqrt 2
+    assert max_violation(torch.tensor([4, 2, 2, 0])) == pytest.approx(1.0)
+    assert load_cv(torch.tensor([4, 2, 2, 0])) == pytest.approx(math.sqrt(2) / 2)
+    # balanced and empty
+    assert load_cv(torch.tensor([3, 3, 3])) == 0.0 and max_violation(torch.tensor([3, 3, 3])) == 0.0
+    assert load_cv(torch.tensor([0, 0])) == 0.0 and max_violation(torch.tensor([0, 0])) == 0.0
+
+
+def test_routing_summary_hand_values():
+    s = routing_summary(make_routing(1, 3, 3, HAND))
+    assert s == make_routing(1, 3, 3, HAND).summary()
+    assert s["experts_per_token"] == pytest.approx(1.0)  # (2 + 1 + 0) / 3
+    assert s["experts_per_token_max"] == 2.0
+    assert s["dropped_fraction"] == pytest.approx(1 / 3)  # token 2
+    assert s["load_cv"] == pytest.approx(math.sqrt(2 / 3))  # loads [1, 0, 2]
+    assert s["max_vio"] == pytest.approx(1.0)
+    assert s["dead_experts"] == 1.0  # expert 1
+    assert s["combination_usage"] == pytest.approx(100 / 3)  # only pair (0, 2) of 3 pairs
+    assert s["tokens_per_expert_min"] == 0.0 and s["tokens_per_expert_max"] == 2.0
+    assert all(isinstance(v, float) for v in s.values())
+
+
+def test_routing_summary_against_loop_reference():
+    g = torch.Generator().manual_seed(0)
+    for b, l, e in [(2, 5, 4), (3, 7, 6), (1, 9, 3)]:
+        mask = torch.rand(b * l, e, generator=g) < 0.35
+        idx = mask.nonzero()
+        r = Routing(torch.zeros(b, l, e), idx[:, 0], idx[:, 1], torch.ones(len(idx)), e)
+        rows = mask.tolist()
+        loads = [sum(row[x] for row in rows) for x in range(e)]
+        ept = [sum(row) for row in rows]
+        mean = sum(loads) / e
+        std = math.sqrt(sum((v - mean) ** 2 for v in loads) / e)
+        s = r.summary()
+        assert s["experts_per_token"] == pytest.approx(sum(ept) / len(ept))
+        assert s["experts_per_token_max"] == max(ept)
+        assert s["dropped_fraction"] == pytest.approx(sum(1 for v in ept if v == 0) / len(ept))
+        assert s["load_cv"] == pytest.approx(std / mean, rel=1e-5)
+        assert s["max_vio"] == pytest.approx((max(loads) - mean) / mean, rel=1e-5)
+        assert s["dead_experts"] == sum(1 for v in loads if v == 0)
+        assert s["combination_usage"] == pytest.approx(ref_combination_usage(mask))
+        assert (s["tokens_per_expert_min"], s["tokens_per_expert_max"]) == (min(loads), max(loads))
+
+
+# ---- combination usage ------------------------------------------------------------------------
+def test_combination_usage_single_pair_is_one_of_three():
+    # E=3, every token picks {0, 1}: 1 of the 3 pairs -> 33.33%
+    assert combination_usage(mask_from_sets([{0, 1}] * 5, 3)) == pytest.approx(100 / 3)
+
+
+def test_combination_usage_uniform_and_no_pairs():
+    # E=4, each of the 6 pairs once: shares 1/6, cumulative reaches 0.95 only at the 6th -> 100%
+    pairs = list(itertools.combinations(range(4), 2))
+    assert combination_usage(mask_from_sets(pairs, 4)) == pytest.approx(100.0)
+    # top-1 routing has no co-activation at all; a single expert has no pair
+    assert combination_usage(mask_from_sets([{0}, {1}, {2}], 3)) == 0.0
+    assert combination_usage(mask_from_sets([{0}, {0}], 1)) == 0.0
+
+
+def test_combination_usage_stops_at_the_pair_that_reaches_95_percent():
+    # E=4 pair counts sorted [10, 5, 3, 1, 1, 0] (total 20): cumulative 0.5, 0.75, 0.9, 0.95 -> 4 of 6
+    sets = [{0, 1}] * 10 + [{0, 2}] * 5 + [{0, 3}] * 3 + [{1, 2}] + [{1, 3}]
+    m = mask_from_sets(sets, 4)
+    assert ref_combination_usage(m) == pytest.approx(400 / 6)
+    assert combination_usage(m) == pytest.approx(400 / 6)
+    # one more {1, 3}: cumulative 10/21, 15/21, 18/21, 20/21 = 0.952 -> still 4 of 6
+    m2 = mask_from_sets(sets + [{1, 3}], 4)
+    assert combination_usage(m2) == pytest.approx(400 / 6)
+    # a dominant pair (96%) is enough on its own: 1 of 6
+    m3 = mask_from_sets([{2, 3}] * 96 + [{0, 1}] * 4, 4)
+    assert combination_usage(m3) == pytest.approx(100 / 6)
+
+
+@pytest.mark.parametrize("e", [16, 25, 41])
+def test_combination_usage_exact_95_percent_boundary(e):
+    # uniform co-selection over P pairs with 0.95 * P an integer: exactly 95% of the pairs
+    pairs = list(itertools.combinations(range(e), 2))
+    assert combination_usage(mask_from_sets(pairs, e)) == pytest.approx(95.0)
+
+
+def test_combination_usage_against_loop_reference_random():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(40):
+        e = int(torch.randint(2, 9, (1,), generator=g))
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        mask = torch.rand(n, e, generator=g) < (0.2 + 0.6 * torch.rand(1, generator=g))
+        assert combination_usage(mask) == pytest.approx(ref_combination_usage(mask)), (trial, mask)
+
+
+def test_combination_usage_against_loop_reference_on_boundaries():
+    # pair-count histograms whose cumulative shares land exactly on 95%
+    for counts in ([19, 1], [38, 1, 1], [10, 5, 3, 1, 1, 0], [7, 6, 3, 2, 1, 1], [1] * 20 + [0] * 8):
+        e = next(x for x in range(2, 12) if x * (x - 1) // 2 >= len(counts))
+        pairs = list(itertools.combinations(range(e), 2))
+        sets = [set(p) for p, c in zip(pairs, counts) for _ in range(c)]
+        m = mask_from_sets(sets, e)
+        assert combination_usage(m) == pytest.approx(ref_combination_usage(m)), counts
+
+
+# ---- by_label ---------------------------------------------------------------------------------
+# B=2, L=3, E=2; flat tokens 0..5. token0 -> {0, 1}, token1 -> {0}, token3 -> {1}, token4 -> {1},
+# tokens 2 and 5 -> nothing.
+BL = [(0, 0, 1.0), (0, 1, 1.0), (1, 0, 1.0), (3, 1, 1.0), (4, 1, 1.0)]
+
+
+def test_by_label_per_sample_labels():
+    r = make_routing(2, 3, 2, BL)
+    out = by_label(r, torch.tensor([1, 0]))  # sample 0 has label 1, sample 1 label 0
+    # label 0 = tokens 3, 4, 5: counts [0, 2]; label 1 = tokens 0, 1, 2: counts [2, 1]
+    assert out["counts"].tolist() == [[0.0, 2.0], [2.0, 1.0]]
+    assert out["tokens"].tolist() == [3.0, 3.0]
+    assert torch.allclose(out["fraction"], torch.tensor([[0.0, 2 / 3], [2 / 3, 1 / 3]]))
+    assert torch.allclose(out["experts_per_token"], torch.tensor([2 / 3, 1.0]))
+    assert torch.allclose(out["dropped_fraction"], torch.tensor([1 / 3, 1 / 3]))
+
+
+def test_by_label_per_position_labels():
+    r = make_routing(2, 3, 2, BL)
+    out = by_label(r, torch.tensor([0, 1, 2]))  # position index
+    # position 0 = tokens 0, 3; position 1 = tokens 1, 4; position 2 = tokens 2, 5
+    assert out["counts"].tolist() == [[1.0, 2.0], [1.0, 1.0], [0.0, 0.0]]
+    assert out["tokens"].tolist() == [2.0, 2.0, 2.0]
+    assert torch.allclose(out["experts_per_token"], torch.tensor([1.5, 1.0, 0.0]))
+    assert torch.allclose(out["dropped_fraction"], torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_by_label_per_token_labels_and_flat():
+    r = make_routing(2, 3, 2, BL)
+    labels = torch.tensor([[0, 0, 1], [1, 1, 0]])
+    out = by_label(r, labels)
+    # label 0 = tokens 0, 1, 5: counts [2, 1]; label 1 = tokens 2, 3, 4: counts [0, 2]
+    assert out["counts"].tolist() == [[2.0, 1.0], [0.0, 2.0]]
+    assert torch.allclose(out["experts_per_token"], torch.tensor([1.0, 2 / 3]))
+    assert torch.allclose(out["dropped_fraction"], torch.tensor([1 / 3, 1 / 3]))
+    flat = by_label(r, labels.reshape(-1))
+    for key in out:
+        assert torch.equal(out[key], flat[key])
+
+
+def test_by_label_against_loop_reference():
+    g = torch.Generator().manual_seed(2)
+    b, l, e, c = 3, 5, 4, 4
+    mask = torch.rand(b * l, e, generator=g) < 0.4
+    idx = mask.nonzero()
+    r = Routing(torch.zeros(b, l, e), idx[:, 0], idx[:, 1], torch.ones(len(idx)), e)
+    labels = torch.randint(0, c, (b, l), generator=g)
+    out = by_label(r, labels, num_labels=c)
+    flat, rows = labels.reshape(-1).tolist(), mask.tolist()
+    for lab in range(c):
+        toks = [n for n in range(b * l) if flat[n] == lab]
+        for x in range(e):
+            assert out["counts"][lab, x].item() == sum(rows[n][x] for n in toks)
+        assert out["tokens"][lab].item() == len(toks)
+        if toks:
+            assert out["experts_per_token"][lab].item() == pytest.approx(sum(sum(rows[n]) for n in toks) / len(toks))
+            assert out["dropped_fraction"][lab].item() == pytest.approx(sum(1 for n in toks if not any(rows[n])) / len(toks))
+        else:
+            assert math.isnan(out["experts_per_token"][lab].item())
+
+
+def test_by_label_empty_label_is_nan():
+    r = make_routing(2, 3, 2, BL)
+    out = by_label(r, torch.tensor([0, 2]), num_labels=4)  # labels 1 and 3 have no token
+    assert out["tokens"].tolist() == [3.0, 0.0, 3.0, 0.0]
+    for key in ("experts_per_token", "dropped_fraction"):
+        v = out[key]
+        assert math.isnan(v[1].item()) and math.isnan(v[3].item())
+        assert not math.isnan(v[0].item()) and not math.isnan(v[2].item())
+    assert out["counts"][1].tolist() == [0.0, 0.0] and out["fraction"][3].tolist() == [0.0, 0.0]
+
+
+def test_by_label_when_batch_equals_length_reads_1d_as_batch():
+    # B == L == 2: a 1-D label tensor is ambiguous and is read as [B] (one label per sample)
+    r = make_routing(2, 2, 2, [(0, 0, 1.0), (1, 0, 1.0), (2, 1, 1.0)])
+    out = by_label(r, torch.tensor([0, 1]))
+    assert out["counts"].tolist() == [[2.0, 0.0], [0.0, 1.0]]
+
+
+def test_by_label_bad_shapes_raise():
+    r = make_routing(2, 3, 2, BL)
+    with pytest.raises(ValueError):
+        by_label(r, torch.tensor([0, 1, 0, 1]))  # neither B=2, L=3 nor N=6
+    with pytest.raises(ValueError):
+        by_label(r, torch.zeros(3, 2, dtype=torch.long))  # [L, B] instead of [B, L]
+    with pytest.raises(ValueError):
+        by_label(r, torch.zeros(2, 3, 1, dtype=torch.long))  # extra axis
+    with pytest.raises(ValueError):
+        by_label(r, torch.tensor([0, -1]))  # negative label
+    with pytest.raises(ValueError):
+        by_label(r, torch.tensor([0, 3]), num_labels=2)  # label outside [0, num_labels)
