@@ -1,0 +1,625 @@
+"""ipywidgets controls around the :mod:`moe_lite.viz` figures.
+
+Two display modes, same API:
+
+* ``"widget"``: a plotly ``go.FigureWidget`` (needs ``anywidget``) updated in place inside
+  ``fig.batch_update()``: the plot is patched trace by trace, never re-rendered, so no flicker.
+* ``"static"``: where a ``FigureWidget`` cannot render (no anywidget; Colab without its custom widget
+  manager), an ``ipywidgets.Output`` into which a plain ``go.Figure`` is redrawn on every change.
+
+The mode is picked by, in order: a ``mode=`` constructor argument; the environment variable
+``MOE_LITE_STATIC_FIGURES`` (``1`` forces static, ``0`` forces the widget, e.g. in Colab after
+``google.colab.output.enable_custom_widget_manager()``); else :func:`can_use_figurewidget`.
+
+Every explorer exposes ``.controls`` (name -> widget), ``.set(**values)`` (sets widget values from
+code, firing the same observers a user would), ``.last_result`` (what the last callback computed),
+``.figures`` (name -> :class:`LiveFigure`) and ``.display()``. A notebook follows each widget cell
+with a cell such as ``explorer.set(k=3); assert explorer.last_result["experts_per_token"] == 3``,
+so headless runs exercise the callbacks.
+
+Callbacks only run inference on cached inputs (under ``torch.no_grad()``); they never train.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import sys
+from contextlib import contextmanager
+from numbers import Real
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
+
+import plotly.graph_objects as go
+import torch
+from plotly.basedatatypes import BaseFigure
+from torch import Tensor
+
+from . import viz
+from .routing import routing_summary
+
+try:  # ipywidgets is an optional (notebook) dependency; the module still imports without it
+    import ipywidgets as widgets
+except ImportError:  # pragma: no cover - exercised only where ipywidgets is missing
+    widgets = None
+
+__all__ = [
+    "STATIC_ENV",
+    "ROUTER_NAMES",
+    "can_use_figurewidget",
+    "resolve_mode",
+    "LiveFigure",
+    "Explorer",
+    "RouterExplorer",
+    "ThresholdExplorer",
+]
+
+STATIC_ENV = "MOE_LITE_STATIC_FIGURES"
+MODES = ("widget", "static")
+
+#: Routers the :class:`RouterExplorer` offers, and the sliders each one reads.
+ROUTER_KNOBS: Mapping[str, tuple] = MappingProxyType({
+    "topk": ("k",),
+    "switch": ("capacity_factor",),
+    "expert_choice": ("k",),
+    "topp": ("p",),
+    "race": ("k", "threshold"),
+    "hash": (),
+    "balanced": (),
+    "bias_balanced": ("k",),
+})
+ROUTER_NAMES = tuple(ROUTER_KNOBS)
+#: Routers whose constructor needs the number of experts.
+_NEEDS_NUM_EXPERTS = frozenset({"hash", "bias_balanced"})
+
+
+# ---- mode selection -----------------------------------------------------------------------------
+def _require_ipywidgets() -> None:
+    if widgets is None:
+        raise ImportError("moe_lite.widgets needs ipywidgets: pip install 'moe_lite[notebooks]'")
+
+
+def _env_mode() -> Optional[str]:
+    """``"static"`` / ``"widget"`` when ``MOE_LITE_STATIC_FIGURES`` forces one, else None."""
+    value = os.environ.get(STATIC_ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on", "static"):
+        return "static"
+    if value in ("0", "false", "no", "off", "widget"):
+        return "widget"
+    return None
+
+
+def _figurewidget_works() -> bool:
+    """True when a ``go.FigureWidget`` can be created here (anywidget and ipywidgets importable)."""
+    try:
+        import anywidget  # noqa: F401
+
+        _require_ipywidgets()
+        go.FigureWidget().close()  # a probe: close its comm so no hidden model is left behind
+    except Exception:  # any failure means: fall back to static figures
+        return False
+    return True
+
+
+def can_use_figurewidget() -> bool:
+    """Whether live ``FigureWidget`` plots should be used here.
+
+    False when ``MOE_LITE_STATIC_FIGURES=1``; in Colab unless ``MOE_LITE_STATIC_FIGURES=0`` (Colab
+    renders a FigureWidget only with its custom widget manager enabled); and wherever creating a
+    ``go.FigureWidget`` fails (anywidget or ipywidgets missing).
+    """
+    forced = _env_mode()
+    if forced == "static":
+        return False
+    if forced is None and "google.colab" in sys.modules:
+        return False
+    return _figurewidget_works()
+
+
+def resolve_mode(mode: Optional[str] = None) -> str:
+    """The display mode to use: an explicit ``mode`` wins, else :func:`can_use_figurewidget`.
+
+    Raises ValueError for an unknown mode and RuntimeError when ``"widget"`` is asked for but a
+    ``FigureWidget`` cannot be created.
+    """
+    if mode is None:
+        return "widget" if can_use_figurewidget() else "static"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+    if mode == "widget" and not _figurewidget_works():
+        raise RuntimeError("mode='widget' needs plotly's FigureWidget (pip install anywidget ipywidgets)")
+    return mode
+
+
+# ---- one live figure ----------------------------------------------------------------------------
+def _as_figure(fig: Any) -> go.Figure:
+    """A fresh ``go.Figure`` from a Figure, a FigureWidget, or a figure dict ``{"data", "layout"}``."""
+    if fig is None:
+        return go.Figure()
+    if isinstance(fig, (BaseFigure, Mapping)):
+        return go.Figure(fig)
+    raise TypeError(f"expected a plotly figure or figure dict, got {type(fig).__name__}")
+
+
+def _replace_props(obj: Any, new: Mapping[str, Any], keep: Sequence[str]) -> None:
+    """Make ``obj`` (a trace or layout) hold exactly ``new``'s properties, except the ``keep`` keys."""
+    for key in obj.to_plotly_json():
+        if key not in new and key not in keep:
+            obj[key] = None
+    obj.update({k: v for k, v in new.items() if k not in keep}, overwrite=True)
+
+
+def _update_in_place(target: go.FigureWidget, new: go.Figure) -> None:
+    """Patch ``target`` to show ``new``: same traces are restyled, the layout relaid out, in one batch.
+
+    When the trace count or types differ (a rare structural change) the traces are replaced first.
+    """
+    same = len(target.data) == len(new.data) and all(a.type == b.type for a, b in zip(target.data, new.data))
+    if not same:
+        target.data = ()
+        target.add_traces(list(new.data))
+    with target.batch_update():
+        if same:
+            for old, trace in zip(target.data, new.data):
+                _replace_props(old, trace.to_plotly_json(), keep=("type", "uid"))
+        _replace_props(target.layout, new.layout.to_plotly_json(), keep=("template",))
+
+
+def _in_kernel() -> bool:
+    """True inside a running Jupyter kernel (where ``Output`` captures ``display`` calls)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return False
+    ip = get_ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+class LiveFigure:
+    """A plot that can be updated from a callback, as a ``FigureWidget`` or as a redrawn static figure.
+
+    Attributes:
+        mode: ``"widget"`` or ``"static"``.
+        figure: the current figure: the same ``go.FigureWidget`` for its whole life in widget mode
+            (patched in place), a new ``go.Figure`` after each update in static mode.
+        output: the ``ipywidgets.Output`` the static figure is drawn into (None in widget mode).
+        view: the widget to put in a layout (the FigureWidget or the Output).
+        updates: how many times :meth:`update` ran.
+    """
+
+    def __init__(self, figure: Any = None, mode: Optional[str] = None) -> None:
+        _require_ipywidgets()
+        self.mode = resolve_mode(mode)
+        self.updates = 0
+        fig = _as_figure(figure)
+        if self.mode == "widget":
+            self.figure: Any = go.FigureWidget(fig)
+            self.output = None
+            self.view = self.figure
+        else:
+            self.figure = fig
+            self.output = widgets.Output()
+            self.view = self.output
+            self._draw()
+
+    def update(self, new: Any) -> None:
+        """Show ``new`` (a Figure, FigureWidget or figure dict): in place in widget mode, redrawn otherwise."""
+        fig = _as_figure(new)
+        if self.mode == "widget":
+            _update_in_place(self.figure, fig)
+        else:
+            self.figure = fig
+            self._draw()
+        self.updates += 1
+
+    def _draw(self) -> None:
+        """Redraw the static figure into the Output.
+
+        In a kernel: ``clear_output(wait=True)`` + ``display`` inside the Output (no blank flash).
+        Headless (scripts, tests): the Output's ``outputs`` are replaced by the figure's plotly
+        mime bundle, so the redraw can be checked without a front end.
+        """
+        if _in_kernel():
+            from IPython.display import clear_output, display
+
+            with self.output:
+                clear_output(wait=True)
+                display(self.figure)
+        else:
+            bundle = {
+                "application/vnd.plotly.v1+json": json.loads(self.figure.to_json()),
+                "text/plain": f"<plotly Figure: {self.figure.layout.title.text or ''}>",
+            }
+            self.output.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.view)
+
+
+# ---- explorers ----------------------------------------------------------------------------------
+def _option_values(widget: Any) -> Optional[list]:
+    """The values a selection widget accepts (None for widgets without options)."""
+    options = getattr(widget, "options", None)
+    if options is None:
+        return None
+    return [o[1] if isinstance(o, tuple) and len(o) == 2 else o for o in options]
+
+
+def _match_option(name: str, allowed: Sequence[Any], value: Any) -> Any:
+    """The option equal to ``value`` (floats matched up to rounding), else ValueError."""
+    if value in allowed:
+        return allowed[list(allowed).index(value)]
+    if isinstance(value, Real):
+        for a in allowed:
+            if isinstance(a, Real) and math.isclose(a, value, rel_tol=1e-9, abs_tol=1e-12):
+                return a
+    raise ValueError(f"{name}={value!r} is not one of the options {list(allowed)}")
+
+
+def _coerce(name: str, widget: Any, value: Any) -> Any:
+    """Check ``value`` against the widget's range or options; snap floats to a matching option."""
+    allowed = _option_values(widget)
+    if allowed is not None:
+        return _match_option(name, allowed, value)
+    lo, hi = getattr(widget, "min", None), getattr(widget, "max", None)
+    if lo is not None and hi is not None and isinstance(value, Real) and not lo <= value <= hi:
+        raise ValueError(f"{name}={value!r} is outside the slider range [{lo}, {hi}]")
+    return value
+
+
+def _default_readout(result: Mapping[str, Any]) -> str:
+    """An HTML line of the scalar entries of a result."""
+    items = [f"<b>{html.escape(str(k))}</b> {html.escape(viz._fmt(v))}" for k, v in result.items()
+             if isinstance(v, (Real, str)) and not isinstance(v, bool)]
+    return " &middot; ".join(items)
+
+
+class Explorer:
+    """Controls + a compute callback + live figures; the pattern every explorer follows.
+
+    Args:
+        controls: ``name -> ipywidgets value widget``; their current values are passed to ``compute``
+            as keyword arguments.
+        compute: ``compute(**values) -> dict``, cheap inference only (run under ``torch.no_grad()``).
+        figures: ``name -> builder(result) -> go.Figure``, each shown as a :class:`LiveFigure`.
+        readout: ``readout(result) -> HTML str`` for the status line (default: the scalar entries).
+        mode: ``"widget"``, ``"static"`` or None (see :func:`resolve_mode`).
+        title: optional heading above the controls.
+
+    On any control change the explorer recomputes, updates every figure and the readout, and
+    stores the result in ``last_result``. A failing callback leaves the figures as they were,
+    shows the error in the readout and stores ``{"error": ...}``; :meth:`set` then raises.
+    """
+
+    def __init__(self, controls: Mapping[str, Any], compute: Callable[..., Mapping[str, Any]],
+                 figures: Optional[Mapping[str, Callable[[Mapping[str, Any]], go.Figure]]] = None,
+                 readout: Optional[Callable[[Mapping[str, Any]], str]] = None,
+                 mode: Optional[str] = None, title: Optional[str] = None) -> None:
+        _require_ipywidgets()
+        if not controls:
+            raise ValueError("an explorer needs at least one control")
+        self.controls: Dict[str, Any] = dict(controls)
+        self.mode = resolve_mode(mode)
+        self.title = title
+        self.calls = 0
+        self.last_error: Optional[BaseException] = None
+        self._compute = compute
+        self._builders = dict(figures or {})
+        self._readout = readout or _default_readout
+        self._holding = False
+        self._dirty = False
+        self.status = widgets.HTML()
+        self.last_result: Dict[str, Any] = self._run_compute()
+        self.figures: Dict[str, LiveFigure] = {
+            name: LiveFigure(build(self.last_result), mode=self.mode) for name, build in self._builders.items()
+        }
+        self.status.value = self._readout(self.last_result)
+        self._box = None
+        for widget in self.controls.values():
+            widget.observe(self._on_change, names="value")
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def values(self) -> Dict[str, Any]:
+        """Current control values, ``name -> value``."""
+        return {name: w.value for name, w in self.controls.items()}
+
+    @property
+    def figure(self) -> Any:
+        """The first live figure's current figure (see :attr:`LiveFigure.figure`)."""
+        if not self.figures:
+            raise AttributeError("this explorer has no figures")
+        return next(iter(self.figures.values())).figure
+
+    def _run_compute(self) -> Dict[str, Any]:
+        with torch.no_grad():
+            result = self._compute(**self.values)
+        if not isinstance(result, Mapping):
+            raise TypeError(f"compute must return a dict, got {type(result).__name__}")
+        self.calls += 1
+        return dict(result)
+
+    # -- callbacks -----------------------------------------------------------------------------
+    def _on_change(self, change: Any) -> None:
+        if self._holding:
+            self._dirty = True
+        else:
+            self.refresh()
+
+    def refresh(self) -> Dict[str, Any]:
+        """Recompute from the current control values and update figures and readout."""
+        try:
+            result = self._run_compute()
+            new_figs = {name: build(result) for name, build in self._builders.items()}
+        except Exception as err:  # keep the UI alive; set() re-raises for code-driven checks
+            self.last_error = err
+            self.last_result = {"error": f"{type(err).__name__}: {err}", **self.values}
+            self.status.value = f'<span style="color:#c00">{html.escape(self.last_result["error"])}</span>'
+            return self.last_result
+        for name, fig in new_figs.items():
+            self.figures[name].update(fig)
+        self.last_error = None
+        self.last_result = result
+        self.status.value = self._readout(result)
+        return result
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Change several controls and recompute once at the end."""
+        self._holding, self._dirty = True, False
+        try:
+            yield
+        finally:
+            self._holding = False
+            if self._dirty:
+                self.refresh()
+
+    def set(self, **values: Any) -> Dict[str, Any]:
+        """Set controls from code, e.g. ``explorer.set(k=3)``; observers fire as for a user.
+
+        All values are checked first (unknown names, out-of-range or unknown options raise
+        ValueError); the callback then runs once. Returns :attr:`last_result`; raises RuntimeError
+        if the callback failed.
+        """
+        unknown = sorted(set(values) - set(self.controls))
+        if unknown:
+            raise ValueError(f"unknown control(s) {unknown}; controls: {sorted(self.controls)}")
+        checked = {name: _coerce(name, self.controls[name], v) for name, v in values.items()}
+        with self.hold():
+            for name, v in checked.items():
+                self.controls[name].value = v
+        if "error" in self.last_result:
+            raise RuntimeError(f"callback failed for {self.values}: {self.last_result['error']}") from self.last_error
+        return self.last_result
+
+    # -- display -------------------------------------------------------------------------------
+    def display(self) -> Any:
+        """The explorer as one ``ipywidgets.VBox``: controls, readout line, figures."""
+        if self._box is None:
+            head = [widgets.HTML(f"<h3>{html.escape(self.title)}</h3>")] if self.title else []
+            row = widgets.Box(list(self.controls.values()), layout=widgets.Layout(flex_flow="row wrap"))
+            self._box = widgets.VBox(head + [row, self.status] + [f.view for f in self.figures.values()])
+        return self._box
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.display())
+
+
+# ---- router explorer ----------------------------------------------------------------------------
+def _describe_routing(result: Mapping[str, Any]) -> str:
+    """Readout line of a RouterExplorer result."""
+    params = ", ".join(f"{k}={viz._fmt(v)}" for k, v in result.get("params", {}).items())
+    return (f"<b>{html.escape(result['router'])}</b> ({html.escape(params)}, {result['phase']}): "
+            f"{result['experts_per_token']:.2f} experts/token &middot; "
+            f"dropped {result['dropped_fraction']:.1%} &middot; load CV {result['load_cv']:.2f} &middot; "
+            f"MaxVio {result['max_vio']:.2f} &middot; dead experts {result['dead_experts']:.0f} &middot; "
+            f"combination usage {result['combination_usage']:.0f}%")
+
+
+def _set_eval_threshold(router: Any, value: float) -> None:
+    """Give a Race-style router the eval threshold ``value`` through its ``set_threshold``."""
+    setter = getattr(router, "set_threshold", None)
+    if not callable(setter):
+        raise AttributeError(f"{type(router).__name__} has no set_threshold(value) for its eval threshold")
+    setter(value)
+
+
+class RouterExplorer(Explorer):
+    """Route the SAME logits with any router and see where every token goes.
+
+    Args:
+        logits: float ``[B, L, E]``, e.g. a trained gate's output on a cached batch.
+        x: optional ``[B, L, D]`` layer input, passed to routers that use it.
+        routers: router names to offer (default :data:`ROUTER_NAMES`).
+        router: initial router; k, p, capacity_factor: initial slider values.
+        max_tokens: rows shown in the heatmap.
+        mode: display mode, see :func:`resolve_mode`.
+        make_router: router factory ``(name, **kwargs) -> Router`` (default
+            ``moe_lite.routers.make_router``, imported on first use).
+
+    Controls: ``router`` (dropdown), ``phase`` (``"train"``/``"eval"``), ``k``, ``p``,
+    ``capacity_factor``, ``threshold`` and ``sample``. Each router reads only its own sliders
+    (the others are greyed out). Routers are built fresh on every change with
+    ``moe_lite.routers.make_router`` and put in the chosen phase. ``race`` in ``"train"`` picks the
+    batch-level top ``K = round(B*L*k)`` (so it needs no history); in ``"eval"`` its threshold is
+    the ``threshold`` slider. Figures: ``"assignment"`` (token x expert weights of one sample) and
+    ``"load"`` (tokens per expert). ``last_result`` holds the router, phase, params,
+    every :func:`~moe_lite.routing.routing_summary` entry and ``tokens_per_expert`` (list).
+    """
+
+    def __init__(self, logits: Tensor, x: Optional[Tensor] = None, routers: Sequence[str] = ROUTER_NAMES,
+                 router: Optional[str] = None, k: int = 2, p: float = 0.5, capacity_factor: float = 1.0,
+                 phase: str = "train", max_tokens: Optional[int] = 64, mode: Optional[str] = None,
+                 title: Optional[str] = "Router explorer",
+                 make_router: Optional[Callable[..., Any]] = None) -> None:
+        _require_ipywidgets()
+        if not isinstance(logits, Tensor) or logits.dim() != 3 or not logits.is_floating_point():
+            raise ValueError(f"logits must be a float [B, L, E] tensor, got {getattr(logits, 'shape', type(logits))}")
+        if not torch.isfinite(logits).all():
+            raise ValueError("logits must be finite")
+        if x is not None and (not isinstance(x, Tensor) or x.dim() != 3 or x.shape[:2] != logits.shape[:2]):
+            raise ValueError(f"x must be a [B, L, D] tensor matching logits {tuple(logits.shape[:2])}")
+        unknown = [r for r in routers if r not in ROUTER_KNOBS]
+        if unknown or not routers:
+            raise ValueError(f"unknown router(s) {unknown}; choose from {ROUTER_NAMES}")
+        if phase not in ("train", "eval"):
+            raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+        self.logits = logits.detach()
+        self.x = None if x is None else x.detach()
+        self.max_tokens = max_tokens
+        self.make_router = make_router
+        self.routing = None
+        b, _, e = logits.shape
+        lo, hi = float(self.logits.min()), float(self.logits.max())
+        flat = self.logits.reshape(-1).sort(descending=True).values
+        default_thr = float(flat[min(flat.numel() - 1, max(0, round(flat.numel() * min(k, e) / e) - 1))])
+        step = max((hi - lo) / 200, 1e-6)
+        style = {"description_width": "initial"}
+        controls = {
+            "router": widgets.Dropdown(options=list(routers), value=router or routers[0], description="router"),
+            "phase": widgets.ToggleButtons(options=["train", "eval"], value=phase, description="phase"),
+            "k": widgets.IntSlider(value=int(min(max(k, 1), e)), min=1, max=e, description="k", style=style),
+            "p": widgets.FloatSlider(value=p, min=0.05, max=1.0, step=0.05, description="top-p", style=style),
+            "capacity_factor": widgets.FloatSlider(value=capacity_factor, min=0.25, max=4.0, step=0.25,
+                                                   description="capacity factor", style=style),
+            "threshold": widgets.FloatSlider(value=min(max(default_thr, lo), hi), min=lo, max=hi, step=step,
+                                             readout_format=".3f", description="eval threshold", style=style),
+            "sample": widgets.IntSlider(value=0, min=0, max=b - 1, description="sample", disabled=b == 1),
+        }
+        super().__init__(controls, self._route,
+                         figures={"assignment": self._assignment_figure,
+                                  "load": lambda r: viz.tokens_per_expert_bar(self.routing)},
+                         readout=_describe_routing, mode=mode, title=title)
+        self._grey_out()
+
+    def _grey_out(self, change: Any = None) -> None:
+        """Disable the sliders the selected router does not read."""
+        knobs = ROUTER_KNOBS[self.controls["router"].value]
+        for name in ("k", "p", "capacity_factor", "threshold"):
+            used = name in knobs and (name != "threshold" or self.controls["phase"].value == "eval")
+            self.controls[name].disabled = not used
+
+    def router_kwargs(self, name: str, **values: Any) -> Dict[str, Any]:
+        """Constructor keyword arguments of router ``name`` given the slider ``values``."""
+        kw = {knob: values[knob] for knob in ROUTER_KNOBS[name] if knob != "threshold"}
+        if name in _NEEDS_NUM_EXPERTS:
+            kw["num_experts"] = self.logits.shape[-1]
+        return kw
+
+    def build_router(self, name: str, phase: str, **values: Any) -> Any:
+        """A fresh router ``name`` in ``phase``; Race in eval gets the threshold slider's value."""
+        factory = self.make_router
+        if factory is None:
+            from .routers import make_router as factory  # lazy: this module imports without routers.py
+
+        router = factory(name, **self.router_kwargs(name, **values))
+        router.train(phase == "train")
+        if name == "race" and phase == "eval":
+            _set_eval_threshold(router, float(values["threshold"]))
+        return router
+
+    def _route(self, router: str, phase: str, sample: int, **values: Any) -> Dict[str, Any]:
+        """The callback: route the cached logits, keep the Routing, summarise it."""
+        module = self.build_router(router, phase, **values)
+        kwargs = {"x": self.x} if self.x is not None else {}
+        routing = module(self.logits, **kwargs)
+        self.routing = routing
+        self._grey_out()
+        params = self.router_kwargs(router, **values)
+        params.pop("num_experts", None)
+        if router == "race" and phase == "eval":
+            params["threshold"] = float(values["threshold"])
+        return {
+            "router": router,
+            "phase": phase,
+            "sample": sample,
+            "params": params,
+            **routing_summary(routing),
+            "tokens_per_expert": [int(t) for t in routing.tokens_per_expert],
+            "num_assignments": routing.num_assignments,
+        }
+
+    def _assignment_figure(self, result: Mapping[str, Any]) -> go.Figure:
+        title = f"{result['router']}: combine weights of sample {result['sample']}"
+        return viz.assignment_heatmap(self.routing, sample=result["sample"], max_tokens=self.max_tokens,
+                                      title=title)
+
+
+# ---- threshold explorer -------------------------------------------------------------------------
+class ThresholdExplorer(Explorer):
+    """A slider over a threshold (top-p, Race's threshold...) and the trade-off it buys.
+
+    Args:
+        evaluate_fn: ``evaluate_fn(value) -> dict`` of floats; cheap, inference only (e.g. set the
+            model's top-p, then accuracy and experts per token on a cached batch). Never trains.
+        values: the threshold values the slider offers (sorted ascending).
+        name: the control's name (``explorer.set(p=0.7)`` when ``name="p"``).
+        x_key, y_key: the result keys drawn as the trade-off's x and y.
+        initial: the starting value (default: the middle one).
+        evaluate_all: evaluate every value at once, so the full curve shows from the start.
+
+    Results are cached per value (``.cache``), so moving the slider back costs nothing.
+    ``last_result`` is the evaluated dict plus ``name: value``, ``cached`` and ``evaluated`` (the
+    number of values evaluated so far). Figure ``"tradeoff"``: y vs x over evaluated values,
+    the current one ringed.
+    """
+
+    def __init__(self, evaluate_fn: Callable[[float], Mapping[str, Any]], values: Sequence[float],
+                 name: str = "threshold", x_key: str = "experts_per_token", y_key: str = "accuracy",
+                 x_title: Optional[str] = None, y_title: Optional[str] = None, initial: Optional[float] = None,
+                 evaluate_all: bool = False, mode: Optional[str] = None, title: Optional[str] = None) -> None:
+        _require_ipywidgets()
+        if not callable(evaluate_fn):
+            raise TypeError("evaluate_fn must be callable: value -> dict")
+        vals = [float(v.item() if isinstance(v, Tensor) else v) for v in values]
+        if not vals or not all(math.isfinite(v) for v in vals):
+            raise ValueError("values must be a non-empty sequence of finite numbers")
+        vals = sorted(set(vals))
+        if not name.isidentifier():
+            raise ValueError(f"name must be a Python identifier, got {name!r}")
+        self.evaluate_fn = evaluate_fn
+        self.name, self.x_key, self.y_key = name, x_key, y_key
+        self.x_title, self.y_title = x_title or viz._pretty(x_key), y_title or viz._pretty(y_key)
+        self.cache: Dict[float, Dict[str, Any]] = {}
+        if evaluate_all:
+            for v in vals:
+                self._evaluate(v)
+        start = vals[len(vals) // 2] if initial is None else _match_option(name, vals, initial)
+        slider = widgets.SelectionSlider(options=[(f"{v:g}", v) for v in vals], value=start, description=name,
+                                         continuous_update=False)
+        super().__init__({name: slider}, self._lookup, figures={"tradeoff": self._tradeoff_figure},
+                         mode=mode, title=title)
+
+    def _evaluate(self, value: float) -> Dict[str, Any]:
+        """Call ``evaluate_fn`` once for ``value`` (no grad) and cache its checked result."""
+        with torch.no_grad():
+            result = self.evaluate_fn(value)
+        if not isinstance(result, Mapping):
+            raise TypeError(f"evaluate_fn must return a dict, got {type(result).__name__}")
+        for key in (self.x_key, self.y_key):
+            if not viz._is_number(result.get(key)):
+                raise ValueError(f"evaluate_fn({value:g}) must return a finite number under {key!r}: {dict(result)}")
+        clean = {k: viz._as_float(v) if isinstance(v, Tensor) and v.numel() == 1 else v for k, v in result.items()}
+        self.cache[value] = clean
+        return clean
+
+    def _lookup(self, **values: Any) -> Dict[str, Any]:
+        """The callback: a cached result, or one fresh evaluation."""
+        value = values[self.name]
+        cached = value in self.cache
+        result = self.cache[value] if cached else self._evaluate(value)
+        return {**result, self.name: value, "cached": cached, "evaluated": len(self.cache)}
+
+    def _tradeoff_figure(self, result: Mapping[str, Any]) -> go.Figure:
+        order = sorted(self.cache)
+        xs = [float(self.cache[v][self.x_key]) for v in order]
+        ys = [float(self.cache[v][self.y_key]) for v in order]
+        labels = [f"{self.name}={v:g}" for v in order]
+        current = order.index(result[self.name])
+        return viz.tradeoff_curve(xs, ys, labels, self.x_title, self.y_title, highlight=current,
+                                  title=f"{self.y_title} vs {self.x_title} over {self.name}")

@@ -1,0 +1,282 @@
+"""moe_lite.widgets: both display modes, callbacks driven from code, in-place updates and the static fallback."""
+import importlib
+import sys
+import types
+
+import plotly.graph_objects as go
+import pytest
+import torch
+from torch import nn
+
+from moe_lite import widgets as W
+from moe_lite.routing import Routing
+
+pytest.importorskip("ipywidgets")
+HAS_FIGUREWIDGET = W._figurewidget_works()
+needs_figurewidget = pytest.mark.skipif(not HAS_FIGUREWIDGET, reason="go.FigureWidget needs anywidget")
+MODES = [pytest.param("widget", marks=needs_figurewidget), "static"]
+
+
+def _real_make_router():
+    """moe_lite.routers.make_router, or None while routers.py is not there yet."""
+    try:
+        return importlib.import_module("moe_lite.routers").make_router
+    except (ImportError, AttributeError):
+        return None
+
+
+needs_routers = pytest.mark.skipif(_real_make_router() is None, reason="moe_lite.routers.make_router not available")
+
+
+class TinyTopK(nn.Module):
+    """A hand-written top-k router, so the explorer's mechanics are tested apart from routers.py."""
+
+    def __init__(self, k: int = 1) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, logits, x=None):
+        b, l, e = logits.shape
+        w, idx = logits.softmax(-1).reshape(-1, e).topk(self.k, -1)
+        return Routing(logits, torch.arange(b * l).repeat_interleave(self.k), idx.reshape(-1), w.reshape(-1), e)
+
+
+def tiny_factory(name, **kw):
+    if name == "broken":
+        raise RuntimeError("this router is broken")
+    return TinyTopK(kw.get("k", 1))
+
+
+@pytest.fixture
+def logits():
+    torch.manual_seed(0)
+    return torch.randn(2, 6, 4)
+
+
+@pytest.fixture
+def no_anywidget(monkeypatch):
+    """Make ``import anywidget`` fail, as where the FigureWidget cannot be created."""
+    monkeypatch.delenv(W.STATIC_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "anywidget", None)
+
+
+# ---- mode selection -----------------------------------------------------------------------------
+def test_env_var_forces_static(monkeypatch):
+    monkeypatch.setenv(W.STATIC_ENV, "1")
+    assert not W.can_use_figurewidget()
+    assert W.resolve_mode() == "static"
+    assert W.resolve_mode("widget") == "widget"  # an explicit argument wins
+    monkeypatch.setenv(W.STATIC_ENV, "0")
+    assert W.can_use_figurewidget() == HAS_FIGUREWIDGET
+
+
+def test_fallback_without_anywidget(no_anywidget):
+    assert not W.can_use_figurewidget()
+    assert W.resolve_mode() == "static"
+    assert W.LiveFigure(go.Figure(go.Bar(y=[1]))).mode == "static"
+    ex = W.ThresholdExplorer(lambda v: {"experts_per_token": v, "accuracy": v}, [1.0, 2.0])
+    assert ex.mode == "static" and ex.set(threshold=1.0)["accuracy"] == 1.0
+    assert isinstance(ex.figure, go.Figure) and len(ex.figures["tradeoff"].output.outputs) == 1
+    with pytest.raises(RuntimeError, match="FigureWidget"):
+        W.resolve_mode("widget")
+
+
+def test_colab_defaults_to_static(monkeypatch):
+    monkeypatch.delenv(W.STATIC_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert not W.can_use_figurewidget()
+    monkeypatch.setenv(W.STATIC_ENV, "0")  # custom widget manager enabled by the user
+    assert W.can_use_figurewidget() == HAS_FIGUREWIDGET
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="mode"):
+        W.resolve_mode("svg")
+
+
+# ---- LiveFigure ---------------------------------------------------------------------------------
+@needs_figurewidget
+def test_live_figure_widget_updates_in_place():
+    live = W.LiveFigure(go.Figure([go.Bar(y=[1, 2], name="a"), go.Scatter(y=[1, 1], text=["x", "y"])]),
+                        mode="widget")
+    fw = live.figure
+    assert isinstance(fw, go.FigureWidget) and live.view is fw and live.output is None
+    live.update(go.Figure([go.Bar(y=[5, 6], name="b"), go.Scatter(y=[2, 2])], layout=dict(title="new")))
+    assert live.figure is fw and live.updates == 1
+    assert list(fw.data[0].y) == [5, 6] and fw.data[0].name == "b"
+    assert fw.data[1].text is None  # a property the new figure lacks is cleared, not kept stale
+    assert fw.layout.title.text == "new"
+    live.update({"data": [{"type": "heatmap", "z": [[1, 2]]}], "layout": {}})  # structural change
+    assert live.figure is fw and [t.type for t in fw.data] == ["heatmap"] and fw.layout.title.text is None
+
+
+def test_live_figure_static_redraws():
+    first = go.Figure(go.Bar(y=[1, 2]), layout=dict(title="one"))
+    live = W.LiveFigure(first, mode="static")
+    assert live.view is live.output and len(live.output.outputs) == 1
+    live.update(go.Figure(go.Bar(y=[3, 4]), layout=dict(title="two")))
+    assert live.figure is not first and list(live.figure.data[0].y) == [3, 4]
+    outputs = live.output.outputs
+    assert len(outputs) == 1  # replaced, not appended
+    plotted = outputs[0]["data"]["application/vnd.plotly.v1+json"]
+    assert plotted["data"][0]["y"] == [3, 4] and plotted["layout"]["title"]["text"] == "two"
+    with pytest.raises(TypeError, match="plotly figure"):
+        live.update([1, 2])
+
+
+# ---- generic Explorer ---------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_explorer_pattern(mode):
+    import ipywidgets as widgets
+
+    grad_seen = []
+
+    def compute(a, b):
+        grad_seen.append(torch.is_grad_enabled())
+        return {"total": a + b}
+
+    ex = W.Explorer({"a": widgets.IntSlider(value=1, min=0, max=5), "b": widgets.IntSlider(value=1, min=0, max=5)},
+                    compute, figures={"bar": lambda r: go.Figure(go.Bar(y=[r["total"]]))}, mode=mode, title="t")
+    assert ex.last_result == {"total": 2} and ex.calls == 1
+    fig0 = ex.figure
+    assert ex.set(a=3, b=4) == {"total": 7}
+    assert ex.calls == 2  # several controls, one recompute
+    assert list(ex.figure.data[0].y) == [7] and (ex.figure is fig0) == (mode == "widget")
+    ex.controls["a"].value = 0  # what a user's drag does
+    assert ex.last_result == {"total": 4} and "total" in ex.status.value
+    assert grad_seen == [False, False, False]  # callbacks cannot train
+    box = ex.display()
+    assert isinstance(box, widgets.VBox) and box.children[-1] is ex.figures["bar"].view
+    with pytest.raises(ValueError, match="unknown control"):
+        ex.set(c=1)
+    with pytest.raises(ValueError, match="outside the slider range"):
+        ex.set(a=9)
+
+
+def test_explorer_callback_error_keeps_figures():
+    import ipywidgets as widgets
+
+    ex = W.Explorer({"a": widgets.IntSlider(value=1, min=0, max=5)}, lambda a: {"inv": 1 / a},
+                    figures={"f": lambda r: go.Figure(go.Bar(y=[r["inv"]]))}, mode="static")
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        ex.set(a=0)
+    assert "error" in ex.last_result and "ZeroDivisionError" in ex.status.value
+    assert list(ex.figure.data[0].y) == [1.0]
+    assert ex.set(a=2) == {"inv": 0.5}
+
+
+# ---- RouterExplorer -----------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_router_explorer_mechanics(logits, mode):
+    ex = W.RouterExplorer(logits, routers=("topk", "switch"), k=1, mode=mode, make_router=tiny_factory)
+    assert ex.mode == mode and set(ex.controls) >= {"router", "k", "p", "capacity_factor", "threshold", "sample"}
+    assert ex.last_result["experts_per_token"] == 1.0 and ex.last_result["router"] == "topk"
+    heat0 = ex.figure
+    z0 = [list(r) for r in heat0.data[0].z]
+    result = ex.set(k=3)
+    assert result["experts_per_token"] == 3.0 and result["params"] == {"k": 3}
+    assert sum(result["tokens_per_expert"]) == 3 * 12 and result["num_assignments"] == 36
+    load = ex.figures["load"].figure
+    assert list(load.data[0].y) == result["tokens_per_expert"]
+    assert [list(r) for r in ex.figure.data[0].z] != z0
+    if mode == "widget":
+        assert ex.figure is heat0  # the same FigureWidget, patched in place
+    else:
+        assert ex.figure is not heat0  # redrawn
+        assert len(ex.figures["assignment"].output.outputs) == 1 and ex.figures["load"].updates == 1
+    ex.set(sample=1)
+    assert "sample 1" in ex.figure.layout.title.text
+    ex.set(router="switch")
+    assert ex.controls["k"].disabled and not ex.controls["capacity_factor"].disabled
+    assert ex.last_result["params"] == {"capacity_factor": 1.0}
+    assert "switch" in ex.status.value
+
+
+def test_router_explorer_errors(logits):
+    with pytest.raises(ValueError, match=r"\[B, L, E\]"):
+        W.RouterExplorer(logits[0], mode="static", make_router=tiny_factory)
+    with pytest.raises(ValueError, match="unknown router"):
+        W.RouterExplorer(logits, routers=("nope",), mode="static", make_router=tiny_factory)
+    with pytest.raises(ValueError, match="x must be"):
+        W.RouterExplorer(logits, x=torch.zeros(2, 5, 8), mode="static", make_router=tiny_factory)
+    ex = W.RouterExplorer(logits, routers=("topk",), mode="static", make_router=tiny_factory)
+    with pytest.raises(ValueError, match="options"):
+        ex.set(router="race")
+    with pytest.raises(ValueError, match="slider range"):
+        ex.set(k=5)
+
+
+@needs_routers
+@pytest.mark.parametrize("name", W.ROUTER_NAMES)
+def test_router_explorer_every_router(logits, name):
+    ex = W.RouterExplorer(logits, router=name, mode="static")
+    summary = ex.last_result
+    assert summary["router"] == name and "error" not in summary
+    assert ex.routing.num_experts == 4
+    assert summary["num_assignments"] == ex.routing.num_assignments
+    ex.set(phase="eval")
+    assert "error" not in ex.last_result
+
+
+@needs_routers
+def test_router_explorer_real_routers(logits):
+    ex = W.RouterExplorer(logits, router="topk")
+    heat = ex.figure
+    assert ex.set(k=3)["experts_per_token"] == 3.0
+    assert (ex.figure is heat) == (ex.mode == "widget")  # auto mode: widget unless forced static
+    ex.set(router="topp", p=0.05)
+    assert ex.last_result["experts_per_token"] == 1.0  # the first expert always crosses p
+    assert ex.controls["k"].disabled and not ex.controls["p"].disabled
+    spent = [ex.set(p=p)["experts_per_token"] for p in (0.3, 0.6, 0.9)]
+    assert 1.0 <= spent[0] <= spent[1] <= spent[2] <= 4.0 and spent[2] > 1.0  # more mass, more experts
+    ex.set(router="switch", capacity_factor=0.25)
+    assert ex.last_result["dropped_fraction"] > 0
+    ex.set(router="race", phase="eval", threshold=ex.controls["threshold"].max)
+    few = ex.last_result["num_assignments"]
+    ex.set(threshold=ex.controls["threshold"].min)
+    assert ex.last_result["num_assignments"] == logits.numel() > few
+
+
+# ---- ThresholdExplorer --------------------------------------------------------------------------
+def _evaluator(calls):
+    def evaluate(p):
+        calls.append(p)
+        assert not torch.is_grad_enabled()
+        return {"experts_per_token": 1 + 2 * p, "accuracy": torch.tensor(0.5 + p / 4)}
+
+    return evaluate
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_threshold_explorer(mode):
+    calls = []
+    ex = W.ThresholdExplorer(_evaluator(calls), [0.9, 0.1, 0.5], name="p", mode=mode)
+    assert ex.last_result["p"] == 0.5 and calls == [0.5] and ex.last_result["cached"] is False
+    fig0 = ex.figure
+    ex.set(p=0.9)
+    assert ex.last_result["accuracy"] == pytest.approx(0.725) and ex.last_result["evaluated"] == 2
+    assert list(ex.figure.data[0].x) == [2.0, 2.8] and list(ex.figure.data[1].x) == [2.8]
+    assert (ex.figure is fig0) == (mode == "widget")
+    ex.set(p=0.1 + 0.4)  # float rounding snaps to the 0.5 option; cached, no new evaluation
+    assert ex.last_result["cached"] is True and calls == [0.5, 0.9]
+    assert list(ex.figure.data[1].x) == [2.0]
+    if mode == "static":
+        assert len(ex.figures["tradeoff"].output.outputs) == 1
+    with pytest.raises(ValueError, match="options"):
+        ex.set(p=0.3)
+
+
+def test_threshold_explorer_evaluate_all_and_errors():
+    calls = []
+    ex = W.ThresholdExplorer(_evaluator(calls), [0.1, 0.5, 0.9], name="p", evaluate_all=True, initial=0.1,
+                             mode="static")
+    assert sorted(calls) == [0.1, 0.5, 0.9] and len(ex.figure.data[0].x) == 3
+    assert ex.last_result["cached"] is True
+    bad = W.ThresholdExplorer(lambda v: {"accuracy": 1.0, "experts_per_token": 1.0} if v < 1 else {"accuracy": 1},
+                              [0.5, 2.0], initial=0.5, mode="static")
+    with pytest.raises(RuntimeError, match="experts_per_token"):
+        bad.set(threshold=2.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        W.ThresholdExplorer(_evaluator([]), [], mode="static")
+    with pytest.raises(ValueError, match="options"):
+        W.ThresholdExplorer(_evaluator([]), [0.1], initial=0.2, mode="static")
