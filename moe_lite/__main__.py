@@ -1,0 +1,56 @@
+"""Command line: ``python -m moe_lite run <name|all> --size smoke|quick|full --out results/``.
+
+Each experiment writes ``<out>/<name>.json`` (every metric, the config and the wall time) and
+``<out>/<name>.html`` (a self-contained report with its plotly figures).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .experiments import DATA_CHOICES, EXPERIMENTS, SIZES
+
+    parser = argparse.ArgumentParser(prog="python -m moe_lite", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one experiment, several, or all")
+    run.add_argument("names", nargs="+", metavar="NAME", help=f"experiment name(s) or 'all': {', '.join(EXPERIMENTS)}")
+    run.add_argument("--size", choices=SIZES, default=None,
+                     help="smoke (seconds, CI), quick (minutes on a 2-core CPU), full (GPU); "
+                          "default: $MOE_LITE_SIZE or quick")
+    run.add_argument("--out", default="results", help="output folder (default: results/)")
+    run.add_argument("--data", choices=DATA_CHOICES, default="auto",
+                     help="'auto' takes the best local source (see moe_lite.data); 'embedded' forces the "
+                          "committed subset")
+    run.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the size's seeds)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+    sub.add_parser("list", help="list the experiments")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .experiments import EXPERIMENTS, run_experiments
+
+    args = _build_parser().parse_args(argv)
+    if args.command == "list":
+        for name, exp in EXPERIMENTS.items():
+            print(f"{name:10s} {exp.description}")
+        return 0
+    names = list(EXPERIMENTS) if args.names == ["all"] else args.names
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        print(f"unknown experiment(s): {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)} or 'all'",
+              file=sys.stderr)
+        return 2
+    run_experiments(names, size=args.size, out=args.out, data=args.data, seeds=args.seeds,
+                    device=args.device, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

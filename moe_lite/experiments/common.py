@@ -1,0 +1,159 @@
+"""Training and analysis steps that several experiments share (classification on Fashion-MNIST)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import moe_layers, routing_stats
+from ..routing import by_label
+from ..train import ClassificationTask, History, TrainConfig, fit
+from .core import Dataset, RunContext
+
+
+@dataclass(frozen=True)
+class ClassifySize:
+    """How big one classification run is at a given size.
+
+    ``n_per_class`` / ``test_per_class``: stratified images per class (None = the whole split);
+    ``epochs``, ``batch_size``, ``lr``; ``time_budget_s``: a wall-time cap (CPU quick runs);
+    ``model``: ViTConfig field overrides (e.g. a tinier model for smoke).
+    """
+
+    n_per_class: Optional[int]
+    test_per_class: Optional[int]
+    epochs: int
+    batch_size: int = 128
+    lr: float = 2e-3
+    time_budget_s: Optional[float] = None
+    model: Dict[str, Any] = field(default_factory=dict)
+
+
+def loaders(train: Dataset, test: Dataset, batch_size: int, seed: int):
+    """Shuffled train loader and ordered test loader over in-memory tensors (num_workers=0)."""
+    from ..data import make_loader
+
+    return (make_loader((train.x, train.y), batch_size=batch_size, shuffle=True, seed=seed),
+            make_loader((test.x, test.y), batch_size=512, shuffle=False))
+
+
+@dataclass
+class RunRecord:
+    """One trained classifier: the model, its history and headline numbers."""
+
+    name: str
+    model: nn.Module
+    history: History
+    metrics: Dict[str, Any]
+
+
+def train_classifier(name: str, model: nn.Module, ctx: RunContext, size: ClassifySize, seed: int,
+                     train: Dataset, test: Dataset, callbacks: Sequence[Callable] = (),
+                     lr: Optional[float] = None) -> RunRecord:
+    """Train ``model`` with the kit's trainer and return its final test metrics.
+
+    Metrics: ``accuracy``, ``loss``, ``train_time_s``, ``steps``, ``stop_reason`` and, for MoE models,
+    ``routing`` (layer -> statistics on the first test batch).
+    """
+    train_loader, test_loader = loaders(train, test, size.batch_size, seed)
+    config = TrainConfig(epochs=size.epochs, lr=lr or size.lr, seed=seed, device=str(ctx.device),
+                         progress=ctx.progress, time_budget_s=size.time_budget_s)
+    if ctx.progress:
+        print(f"[{name}] seed {seed}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    history = fit(model, ClassificationTask(), train_loader, test_loader, config, callbacks=list(callbacks))
+    final = history.evals[-1]
+    metrics = {
+        "accuracy": final.get("accuracy"),
+        "loss": final.get("loss"),
+        "train_time_s": history.wall_time_s,
+        "steps": history.steps[-1]["step"] if history.steps else 0,
+        "stop_reason": history.stop_reason,
+    }
+    if "routing" in final:
+        metrics["routing"] = final["routing"]
+    return RunRecord(name, model, history, metrics)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 500,
+            on_batch: Optional[Callable[[nn.Module, int], None]] = None) -> Tuple[Tensor, Tensor]:
+    """Eval-mode logits ``[N, C]`` and per-sample cross-entropy ``[N]`` over ``data``.
+
+    ``on_batch(model, start)`` runs after each forward (e.g. to read every MoE layer's routing).
+    """
+    model.eval()
+    logits = []
+    for start in range(0, len(data), batch_size):
+        out = model(data.x[start:start + batch_size].to(device)).float().cpu()
+        logits.append(out)
+        if on_batch is not None:
+            on_batch(model, start)
+    logits_all = torch.cat(logits)
+    losses = nn.functional.cross_entropy(logits_all, data.y, reduction="none")
+    return logits_all, losses
+
+
+@torch.no_grad()
+def routing_by_class(model: nn.Module, data: Dataset, device: torch.device, num_classes: int = 10,
+                     batch_size: int = 500) -> Dict[str, Dict[str, Tensor]]:
+    """Per MoE layer, :func:`moe_lite.routing.by_label` accumulated over ``data`` (label = class).
+
+    Returns layer name -> {"counts" [C, E], "fraction" [C, E], "tokens" [C], "experts_per_token" [C]}.
+    """
+    sums: Dict[str, Dict[str, Tensor]] = {}
+
+    def collect(m: nn.Module, start: int) -> None:
+        labels = data.y[start:start + batch_size]
+        for layer_name, layer in moe_layers(m):
+            routing = getattr(layer, "routing", None)
+            if routing is None:
+                continue
+            part = by_label(routing, labels.to(routing.token.device), num_labels=num_classes)
+            acc = sums.setdefault(layer_name, {"counts": 0, "tokens": 0, "ept_sum": 0})
+            acc["counts"] = acc["counts"] + part["counts"].cpu()
+            acc["tokens"] = acc["tokens"] + part["tokens"].cpu()
+            acc["ept_sum"] = acc["ept_sum"] + (part["experts_per_token"].nan_to_num(0) * part["tokens"]).cpu()
+
+    predict(model, data, device, batch_size, on_batch=collect)
+    out = {}
+    for layer_name, acc in sums.items():
+        tokens = acc["tokens"].clamp_min(1)
+        out[layer_name] = {"counts": acc["counts"], "fraction": acc["counts"] / tokens[:, None],
+                           "tokens": acc["tokens"], "experts_per_token": acc["ept_sum"] / tokens}
+    return out
+
+
+def routing_table(stats: Dict[str, Dict[str, float]], keys: Sequence[str] = (
+        "experts_per_token", "load_cv", "max_vio", "dead_experts", "dropped_fraction",
+        "combination_usage")) -> List[Dict[str, Any]]:
+    """Rows ``{"layer": name, key: value...}`` for a report table."""
+    return [{"layer": name, **{k: round(float(v[k]), 4) for k in keys if k in v}} for name, v in stats.items()]
+
+
+class StepStats:
+    """A training callback that records each MoE layer's routing statistics every ``every`` steps
+    (from the training forward it just did: no extra compute)."""
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = every
+        self.records: List[Dict[str, Any]] = []
+
+    def __call__(self, event: str, info: Dict[str, Any]) -> None:
+        if event != "step":
+            return
+        step = int(info.get("step", len(info["history"].steps)))
+        if step % self.every:
+            return
+        layers = routing_stats(info["model"])
+        record: Dict[str, Any] = {"step": step}
+        for layer_name, values in layers.items():
+            for key, value in values.items():
+                record[f"{layer_name}/{key}"] = value
+        # the mean over layers: the curve a reader looks at first
+        for key in ("load_cv", "max_vio", "combination_usage", "experts_per_token", "dead_experts"):
+            vals = [v[key] for v in layers.values() if key in v]
+            if vals:
+                record[key] = sum(vals) / len(vals)
+        self.records.append(record)

@@ -1,0 +1,130 @@
+"""ViT vs ViMoE on Fashion-MNIST: shared expert, placement, class x expert maps, patch overlays."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from ..data import CLASS_NAMES, denormalize
+from ..models.vit import ViT, ViTConfig, count_parameters, dense_equivalent, patch_experts, vimoe_config
+from .. import viz
+from .common import ClassifySize, routing_by_class, routing_table, train_classifier
+from .core import ExperimentResult, RunContext, Timer, mean_std
+
+SIZES: Dict[str, ClassifySize] = {
+    "smoke": ClassifySize(n_per_class=24, test_per_class=10, epochs=1, batch_size=60,
+                          model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
+    "quick": ClassifySize(n_per_class=None, test_per_class=None, epochs=8, batch_size=128, lr=3e-3,
+                          time_budget_s=150),
+    "full": ClassifySize(n_per_class=None, test_per_class=None, epochs=40, batch_size=256, lr=1e-3,
+                         model={"dim": 192, "depth": 6, "heads": 6, "mlp_hidden": 384, "dropout": 0.1}),
+}
+
+#: The variants a run can compare: name -> (placement, shared experts); "dense" is the ViT with the
+#: same active parameters per token as the default ViMoE.
+VARIANTS = {
+    "vimoe": ("last-2", 1),
+    "vimoe-no-shared": ("last-2", 0),
+    "vimoe-all": ("all", 1),
+    "vimoe-every-2": ("every-2", 1),
+    "vimoe-all-no-shared": ("all", 0),
+    "vimoe-every-2-no-shared": ("every-2", 0),
+}
+DEFAULT_VARIANTS = ("dense", "vimoe")
+
+
+def vimoe_variant(name: str, base: ViTConfig, num_experts: int = 8, k: int = 2) -> ViTConfig:
+    """The ViTConfig of a variant name: ``"dense"`` or a key of :data:`VARIANTS`."""
+    reference = vimoe_config(base, num_experts=num_experts, k=k, placement="last-2", num_shared=1)
+    if name == "dense":
+        return dense_equivalent(reference)
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose 'dense' or one of {sorted(VARIANTS)}")
+    placement, shared = VARIANTS[name]
+    # Without a shared expert, each routed expert is widened so active parameters stay equal.
+    extra = {} if shared else {"expert_hidden": base.mlp_hidden + base.mlp_hidden // k}
+    return dataclasses.replace(vimoe_config(base, num_experts=num_experts, k=k, placement=placement,
+                                            num_shared=shared), **extra)
+
+
+def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
+              data: str = "auto", progress: bool = True, variants: Sequence[str] = DEFAULT_VARIANTS,
+              n_per_class: Optional[int] = None, ctx: Optional[RunContext] = None) -> ExperimentResult:
+    """Train each variant (default: the dense ViT and ViMoE with a shared expert, last-2 placement)
+    for every seed; report accuracy (mean and spread over seeds), parameters, routing statistics,
+    class x expert maps per MoE layer and test images with each patch coloured by its expert.
+
+    ``n_per_class`` overrides the training-set size (images per class), for data-size studies.
+    """
+    ctx = ctx or RunContext.create(size, seeds, device, data, progress)
+    spec = SIZES[ctx.size]
+    base = dataclasses.replace(ViTConfig(), **spec.model)
+    train_all, test_all = ctx.splits()
+    train = train_all.take(n_per_class or spec.n_per_class, seed=0)
+    test = test_all.take(spec.test_per_class, seed=1)
+    result = ExperimentResult("vimoe", ctx.size, str(ctx.device), train_all.source,
+                              config={"variants": list(variants), "seeds": ctx.seeds, "train_images": len(train),
+                                      "test_images": len(test), "size": dataclasses.asdict(spec)})
+    with Timer() as timer:
+        rows, per_variant = [], {}
+        for variant in variants:
+            config = vimoe_variant(variant, base)
+            accs, runs = [], []
+            for seed in ctx.seeds:
+                record = train_classifier(variant, ViT(config), ctx, spec, seed, train, test)
+                accs.append(record.metrics["accuracy"])
+                runs.append(record)
+            params = count_parameters(runs[0].model)
+            summary = mean_std(accs)
+            per_variant[variant] = {"accuracy": summary, "params_total": params["total"],
+                                    "params_active_per_token": params["active_per_token"],
+                                    "train_time_s": mean_std([r.metrics["train_time_s"] for r in runs]),
+                                    "steps": runs[0].metrics["steps"], "routing": runs[0].metrics.get("routing")}
+            rows.append({"variant": variant, "placement": config.moe_layers, "shared": config.num_shared,
+                         "accuracy": round(summary["mean"], 4), "accuracy_std": round(summary["std"], 4),
+                         "seeds": summary["n"], "params": params["total"],
+                         "active_params": int(params["active_per_token"]),
+                         "train_s": round(per_variant[variant]["train_time_s"]["mean"], 1)})
+            result.models[variant] = runs[0].model
+            result.figures[f"training curves: {variant}"] = viz.training_curves(runs[0].history)
+        result.metrics["variants"] = per_variant
+        result.tables["accuracy"] = rows
+        _routing_views(result, test, ctx)
+    result.wall_time_s = timer.seconds
+    return result
+
+
+def _routing_views(result: ExperimentResult, test, ctx: RunContext) -> None:
+    """Class x expert maps and patch overlays for the first MoE variant of the run."""
+    moe_name = next((n for n in result.models if n != "dense"), None)
+    if moe_name is None:
+        return
+    model = result.models[moe_name]
+    per_layer = routing_by_class(model, test, ctx.device)
+    result.metrics["class_expert_fraction"] = {k: v["fraction"] for k, v in per_layer.items()}
+    result.metrics["specialisation"] = {k: class_specialisation(v["fraction"]) for k, v in per_layer.items()}
+    for layer_name, part in per_layer.items():
+        result.figures[f"class x expert: {layer_name}"] = viz.label_expert_heatmap(
+            part, label_names=CLASS_NAMES, title=f"{moe_name}, {layer_name}: share of each class's tokens per expert")
+    stats = result.metrics["variants"][moe_name].get("routing") or {}
+    if stats:
+        result.tables[f"routing ({moe_name})"] = routing_table(stats)
+    # one test image per class, each patch coloured by its first expert in the last MoE layer
+    first = [int((test.y == c).nonzero()[0]) for c in range(10) if (test.y == c).any()]
+    model.eval()
+    with torch.no_grad():
+        model(test.x[first].to(ctx.device))
+    last_layer = list(per_layer)[-1]
+    experts = patch_experts(model, last_layer)[..., 0]  # [B, P]: each patch's highest-weight expert
+    result.figures[f"patches by expert: {last_layer}"] = viz.patch_expert_overlay(
+        denormalize(test.x[first]), experts,
+        patch_size=model.config.patch_size, num_experts=model.config.num_experts, ncols=5,
+        labels=test.y[first], label_names=CLASS_NAMES)
+
+
+def class_specialisation(fraction) -> float:
+    """How much a layer's routing depends on the class: the mean over experts of the total-variation
+    distance between each class's expert distribution and the average one (0 = class-blind)."""
+    dist = fraction / fraction.sum(-1, keepdim=True).clamp_min(1e-12)  # [C, E]
+    return float(0.5 * (dist - dist.mean(0, keepdim=True)).abs().sum(-1).mean())

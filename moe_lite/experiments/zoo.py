@@ -1,0 +1,122 @@
+"""Every router on the same ViMoE (``zoo``), and every balancing method on the same router (``balance``)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+from ..models.vit import ViT, ViTConfig
+from .. import viz
+from .common import ClassifySize, StepStats, train_classifier
+from .core import ExperimentResult, RunContext, Timer, mean_std
+
+SIZES: Dict[str, ClassifySize] = {
+    "smoke": ClassifySize(n_per_class=12, test_per_class=6, epochs=1, batch_size=40,
+                          model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
+    "quick": ClassifySize(n_per_class=300, test_per_class=100, epochs=3, batch_size=100, lr=3e-3,
+                          time_budget_s=25),
+    "full": ClassifySize(n_per_class=None, test_per_class=None, epochs=15, batch_size=256, lr=1e-3,
+                         model={"dim": 128, "depth": 6, "heads": 4, "mlp_hidden": 256}),
+}
+
+LB = {"load_balance": 1e-2}
+#: name -> (router name, router kwargs, losses). Routers that balance by construction (hash, balanced
+#: assignment, expert choice) or without an aux loss (bias-balanced) get no balance loss.
+ZOO: Mapping[str, Tuple[str, Dict[str, Any], Dict[str, float]]] = {
+    "top-2": ("topk", {"k": 2}, LB),
+    "top-2 renormalised": ("topk", {"k": 2, "renormalize": True}, LB),
+    "noisy top-2": ("topk", {"k": 2, "renormalize": True, "noise": "learned"}, LB),
+    "switch (top-1, cf 1.25)": ("switch", {"capacity_factor": 1.25}, LB),
+    "expert choice": ("expert_choice", {"k": 2}, {}),
+    "top-p (p=0.4)": ("topp", {"p": 0.4}, {"load_balance": 1e-2, "entropy": 1e-4}),
+    "expert race": ("race", {"k": 2}, LB),
+    "hash (position)": ("hash", {}, {}),
+    "balanced assignment": ("balanced", {}, {}),
+    "bias-balanced": ("bias_balanced", {"k": 2}, {}),
+    "learned threshold": ("learned_threshold", {}, LB),
+}
+
+#: name -> (router name, router kwargs, losses): balancing methods on top-2 routing.
+BALANCE: Mapping[str, Tuple[str, Dict[str, Any], Dict[str, float]]] = {
+    "no balancing": ("topk", {"k": 2}, {}),
+    "load balance": ("topk", {"k": 2}, {"load_balance": 1e-2}),
+    "importance": ("topk", {"k": 2}, {"importance": 1e-2}),
+    "z-loss + load balance": ("topk", {"k": 2}, {"load_balance": 1e-2, "z_loss": 1e-3}),
+    "bias balancing (aux-free)": ("bias_balanced", {"k": 2}, {}),
+    "router similarity": ("topk", {"k": 2}, {"router_similarity": 1e-2}),
+}
+
+
+def backbone(size: str) -> ViTConfig:
+    """The shared backbone: 8 experts in the last 2 blocks, no shared expert (so routing matters)."""
+    return dataclasses.replace(ViTConfig(), num_experts=8, moe_layers="last-2", num_shared=0,
+                               **SIZES[size].model)
+
+
+def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str, float]]],
+             ctx: RunContext, which: Optional[Sequence[str]], description: str) -> ExperimentResult:
+    spec = SIZES[ctx.size]
+    train_all, test_all = ctx.splits()
+    train, test = train_all.take(spec.n_per_class, seed=0), test_all.take(spec.test_per_class, seed=1)
+    chosen = list(which or table)
+    unknown = [c for c in chosen if c not in table]
+    if unknown:
+        raise ValueError(f"unknown {name} entries {unknown}; choose from {list(table)}")
+    result = ExperimentResult(name, ctx.size, str(ctx.device), train_all.source,
+                              config={"entries": {c: {"router": table[c][0], "kwargs": table[c][1],
+                                                      "losses": table[c][2]} for c in chosen},
+                                      "seeds": ctx.seeds, "train_images": len(train),
+                                      "size": dataclasses.asdict(spec)},
+                              notes=[description])
+    base = backbone(ctx.size)
+    with Timer() as timer:
+        rows, curves = [], {}
+        for entry in chosen:
+            router, kwargs, losses = table[entry]
+            config = dataclasses.replace(base, router=router, router_kwargs=kwargs, moe_losses=losses)
+            accs, stats_runs = [], []
+            for seed in ctx.seeds:
+                tracker = StepStats(every=5)
+                record = train_classifier(entry, ViT(config), ctx, spec, seed, train, test, callbacks=[tracker])
+                accs.append(record.metrics["accuracy"])
+                stats_runs.append(record.metrics.get("routing") or {})
+                if seed == ctx.seeds[0]:
+                    curves[entry] = tracker.records
+                    result.models[entry] = record.model
+            layer_stats = stats_runs[0]
+            mean_over_layers = {k: sum(v[k] for v in layer_stats.values()) / max(len(layer_stats), 1)
+                                for k in ("experts_per_token", "load_cv", "max_vio", "dropped_fraction",
+                                          "dead_experts", "combination_usage")} if layer_stats else {}
+            acc = mean_std(accs)
+            result.metrics[entry] = {"accuracy": acc, "routing": layer_stats, "routing_mean": mean_over_layers}
+            rows.append({name if name != "zoo" else "router": entry, "accuracy": round(acc["mean"], 4),
+                         "accuracy_std": round(acc["std"], 4), "seeds": acc["n"],
+                         **{k: round(v, 3) for k, v in mean_over_layers.items()}})
+        result.tables["comparison (test set; routing statistics = mean over MoE layers)"] = rows
+        result.metrics["curves"] = curves
+        result.figures["balance during training"] = viz.stat_curves(
+            curves, x="step", keys=("load_cv", "max_vio", "combination_usage"))
+        result.figures["accuracy"] = viz.tradeoff_curve(
+            [r.get("experts_per_token", 0.0) for r in rows], [r["accuracy"] for r in rows],
+            labels=chosen, x_title="mean experts per token (compute)", y_title="test accuracy",
+            title=f"{name}: accuracy against compute")
+    result.wall_time_s = timer.seconds
+    return result
+
+
+def run_zoo(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
+            data: str = "auto", progress: bool = True, routers: Optional[Sequence[str]] = None,
+            ctx: Optional[RunContext] = None) -> ExperimentResult:
+    """Every router of the kit on the same ViMoE backbone: accuracy, balance and compute."""
+    ctx = ctx or RunContext.create(size, seeds, device, data, progress)
+    return _compare("zoo", ZOO, ctx, routers,
+                    "Every router trained on the same ViMoE (8 experts, last 2 blocks) with the same budget.")
+
+
+def run_balance(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
+                data: str = "auto", progress: bool = True, methods: Optional[Sequence[str]] = None,
+                ctx: Optional[RunContext] = None) -> ExperimentResult:
+    """Keeping experts busy: top-2 routing with no balancing, each balance loss, and bias balancing;
+    load CV, MaxVio and combination usage during training."""
+    ctx = ctx or RunContext.create(size, seeds, device, data, progress)
+    return _compare("balance", BALANCE, ctx, methods,
+                    "Top-2 routing on the same ViMoE; only the balancing method changes.")

@@ -1,0 +1,546 @@
+"""DiT and DiT-MoE / Race-DiT: a class-conditional diffusion transformer for 28x28 images.
+
+The network (Peebles & Xie 2023) with the MoE options of Expert Race (Yuan et al. 2025):
+
+    x_t [B, C, H, W] --patch embed (conv)--> [B, L, D] + fixed 2-D sin-cos positions
+    c = TimestepEmbedding(t) + Embedding(y)          (label ``num_classes`` = null class, for guidance)
+    depth x adaLN-Zero block:  x += g1 * attn(mod(norm(x), shift1, scale1))
+                               x += g2 * mlp (mod(norm(x), shift2, scale2))    mlp = FFN or MoE
+    final layer: mod(norm(x), shift, scale) -> Linear -> [B, L, p*p*C] -> unpatchify -> [B, C, H, W]
+
+The six (shift, scale, gate) of every block and the final layer's modulation and projection are
+zero-initialised, so at initialisation every block is the identity and the network outputs zeros.
+
+MoE blocks (``config.moe_routing != "none"``): every block's MLP becomes a
+:class:`moe_lite.layers.MoE` with ``num_experts`` experts of width ``expert_hidden`` (default
+``mlp_hidden / k``, so active FLOPs match the dense MLP: the paper's "k-in-E" with hidden split k).
+``moe_routing`` picks the router: ``"token_choice"`` = ``TopK(k)``, ``"expert_choice"`` =
+``ExpertChoice(k)`` (per-sample groups), ``"race"`` = ``Race(k, candidates="BLE")`` (one top-K over
+the whole ``B*L*E`` score tensor) and the paper's Table 6 variants ``"bl"``, ``"be"``, ``"le"``.
+Race routers select with an EMA threshold in eval mode; :func:`set_race_threshold` moves it (the
+inference-compute slider) and :func:`track_experts` measures the compute that was actually spent.
+
+The diffusion process (rectified flow), the loss and the sampler are in
+:mod:`moe_lite.models.diffusion` and re-exported here.
+
+Axis legend: b batch, l tokens (patches), d width, e experts, p patch size, c channels.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..experts import x_in_y
+from ..layers import FFN, MLPGate, MoE, moe_layers
+from ..routers import GATINGS, ExpertChoice, Race, TopK
+from ..routing import by_label
+from .diffusion import (
+    DiffusionTask,
+    guided_velocity,
+    patchify,
+    sample,
+    to_unit_range,
+    training_loss,
+    unpatchify,
+)
+from .vit import Attention, PatchEmbed, count_parameters
+
+__all__ = [
+    "DiTConfig",
+    "DiT",
+    "DiTBlock",
+    "FinalLayer",
+    "TimestepEmbedding",
+    "sincos_2d",
+    "build_router",
+    "timestep_buckets",
+    "experts_by_timestep",
+    "race_routers",
+    "race_thresholds",
+    "set_race_threshold",
+    "shifted_race_threshold",
+    "ExpertUsage",
+    "track_experts",
+    "count_parameters",
+    "MOE_ROUTINGS",
+    "GATINGS",
+    # re-exported from .diffusion
+    "DiffusionTask",
+    "training_loss",
+    "sample",
+    "to_unit_range",
+    "guided_velocity",
+    "patchify",
+    "unpatchify",
+]
+
+MOE_ROUTINGS = ("none", "token_choice", "expert_choice", "race", "bl", "be", "le")
+RACE_CANDIDATES = {"race": "BLE", "bl": "BL", "be": "BE", "le": "LE"}
+
+
+# ---- configuration ----------------------------------------------------------------------------
+@dataclass
+class DiTConfig:
+    """Every knob of a DiT / DiT-MoE. Defaults: a dense 4-block, width-96 DiT (~0.71M parameters,
+    49 tokens with patch 4) that trains on a 2-core CPU.
+
+    Attributes:
+        image_size, patch_size, in_channels: images ``[C, S, S]``; patch 4 -> 49 tokens, 2 -> 196.
+        num_classes: class labels ``[0, num_classes)``; ``num_classes`` itself is the null class.
+        dim, depth, heads, mlp_hidden: transformer width, blocks, attention heads, dense MLP width.
+        class_dropout: probability of the null class in training (classifier-free guidance).
+        moe_routing: ``"none"`` (dense) or one of ``token_choice``, ``expert_choice``, ``race``,
+            ``bl``, ``be``, ``le`` (the last four: Race with candidates BLE / BL / BE / LE).
+        gating: ``"identity"`` (raw logits, the paper's choice), ``"softmax"`` or ``"sigmoid"``.
+        num_experts: experts per MoE layer (E).
+        k: mean experts per token (an integer for token choice).
+        expert_hidden: expert MLP width; ``None`` -> ``round(mlp_hidden / k)``.
+        ema_decay: decay of Race's EMA eval threshold.
+        per_layer_reg: per-layer regularization: every gate is an ``MLPGate`` with a target head
+            predicting the patchified velocity (``target_dim = p*p*C``); weight ``per_layer_weight``.
+        router_similarity, balance_weight: weights of the MoE aux losses ``router_similarity`` and
+            ``load_balance`` on every MoE layer (0 = off). The trainer adds them, not training_loss.
+        mlp_router: use the 2-layer ``MLPGate`` even without PLR (PLR implies it).
+        activation, dispatch: passed to ``FFN`` / ``MoE``.
+    """
+
+    image_size: int = 28
+    patch_size: int = 4
+    in_channels: int = 1
+    num_classes: int = 10
+    dim: int = 96
+    depth: int = 4
+    heads: int = 4
+    mlp_hidden: int = 384
+    class_dropout: float = 0.1
+    moe_routing: str = "none"
+    gating: str = "identity"
+    num_experts: int = 8
+    k: float = 2
+    expert_hidden: Optional[int] = None
+    ema_decay: float = 0.95
+    per_layer_reg: bool = False
+    per_layer_weight: float = 0.1
+    router_similarity: float = 0.0
+    balance_weight: float = 0.0
+    mlp_router: bool = False
+    activation: str = "gelu"
+    dispatch: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        for name in ("image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads", "mlp_hidden"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.dim % 4:
+            raise ValueError(f"dim {self.dim} must be a multiple of 4 (2-D sin-cos position embedding)")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(f"class_dropout must be in [0, 1), got {self.class_dropout}")
+        if self.moe_routing not in MOE_ROUTINGS:
+            raise ValueError(f"moe_routing {self.moe_routing!r} is not one of {MOE_ROUTINGS}")
+        if self.gating not in GATINGS:
+            raise ValueError(f"gating {self.gating!r} is not one of {GATINGS}")
+        for name in ("per_layer_weight", "router_similarity", "balance_weight"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.is_moe:
+            if self.per_layer_reg or self.mlp_router or self.router_similarity or self.balance_weight:
+                raise ValueError(
+                    "per_layer_reg, mlp_router, router_similarity and balance_weight need an MoE: "
+                    "set moe_routing to a router"
+                )
+            return
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 0 < float(self.k) <= self.num_experts:
+            raise ValueError(f"k must be in (0, num_experts={self.num_experts}], got {self.k}")
+        if self.moe_routing == "token_choice" and float(self.k) != int(self.k):
+            raise ValueError(f"token_choice needs an integer k, got {self.k}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.expert_hidden is not None and int(self.expert_hidden) < 1:
+            raise ValueError(f"expert_hidden must be a positive integer, got {self.expert_hidden}")
+        if self.hidden_per_expert < 1:  # x_in_y raises first when mlp_hidden % k != 0
+            raise ValueError(f"mlp_hidden / k = {self.mlp_hidden} / {self.k} leaves experts no width")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe_routing != "none"
+
+    @property
+    def num_tokens(self) -> int:
+        """L = (image_size / patch_size) ** 2."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def target_dim(self) -> int:
+        """Per-token regression target width ``p * p * C`` (final layer output, PLR head width)."""
+        return self.patch_size * self.patch_size * self.in_channels
+
+    @property
+    def hidden_per_expert(self) -> int:
+        """``expert_hidden`` or, by default, the paper's "k-in-E" width ``mlp_hidden / k``
+        (:func:`moe_lite.experts.x_in_y`; rounded for a fractional k), so active FLOPs = dense MLP."""
+        if self.expert_hidden is not None:
+            return int(self.expert_hidden)
+        if float(self.k) == int(self.k):
+            return x_in_y(int(self.k), self.num_experts, self.mlp_hidden).hidden
+        return int(round(self.mlp_hidden / float(self.k)))
+
+    @property
+    def moe_losses(self) -> Dict[str, float]:
+        """The ``losses={name: weight}`` given to every MoE layer (only non-zero weights)."""
+        weights = {"router_similarity": self.router_similarity, "load_balance": self.balance_weight}
+        return {name: float(w) for name, w in weights.items() if w > 0}
+
+
+def build_router(config: DiTConfig) -> nn.Module:
+    """A fresh router for one MoE layer of ``config`` (never shared between layers)."""
+    routing = config.moe_routing
+    if routing == "token_choice":
+        return TopK(int(config.k), renormalize=False, gating=config.gating)
+    if routing == "expert_choice":
+        return ExpertChoice(config.k, gating=config.gating)
+    if routing in RACE_CANDIDATES:
+        # eval_threshold for every variant (the router's default is BLE only): the paper's full recipe
+        # (Table 6) includes the learned threshold, and a per-group top-K over BL or BE at eval would
+        # make a sample's output depend on the rest of its batch (and on guidance batching)
+        return Race(
+            config.k,
+            ema_decay=config.ema_decay,
+            candidates=RACE_CANDIDATES[routing],
+            gating=config.gating,
+            eval_threshold=True,
+        )
+    raise ValueError(f"moe_routing {routing!r} has no router (dense model?)")
+
+
+# ---- embeddings -------------------------------------------------------------------------------
+def sincos_1d(positions: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features ``[N, dim]`` (cos half, then sin half) of float ``positions [N]``."""
+    if dim % 2:
+        raise ValueError(f"dim must be even, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=positions.device) / half)
+    angles = positions.float()[:, None] * freqs[None, :]  # [N, half]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def sincos_2d(grid_size: int, dim: int) -> Tensor:
+    """Fixed 2-D sin-cos position embedding ``[grid_size**2, dim]`` in row-major patch order:
+    half the channels encode the row, half the column."""
+    if dim % 4:
+        raise ValueError(f"dim must be a multiple of 4, got {dim}")
+    coords = torch.arange(grid_size, dtype=torch.float32)
+    rows = coords.repeat_interleave(grid_size)  # [L]
+    cols = coords.repeat(grid_size)  # [L]
+    return torch.cat([sincos_1d(rows, dim // 2), sincos_1d(cols, dim // 2)], dim=1)
+
+
+class TimestepEmbedding(nn.Module):
+    """``t [B]`` in [0, 1] -> ``[B, dim]``: sinusoidal features of ``1000 t`` then a SiLU MLP."""
+
+    def __init__(self, dim: int, frequency_dim: int = 128, scale: float = 1000.0) -> None:
+        super().__init__()
+        self.frequency_dim, self.scale = frequency_dim, scale
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        features = sincos_1d(t * self.scale, self.frequency_dim)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: ``x [B, L, D] * (1 + scale [B, D]) + shift [B, D]``."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+# ---- blocks -----------------------------------------------------------------------------------
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block. ``forward(x [B, L, D], c [B, D]) -> [B, L, D]``.
+
+    ``mlp`` is a dense ``FFN`` or an ``MoE`` (``[B, L, D] -> [B, L, D]``). The modulation
+    (shift, scale, gate for attention and MLP) is a zero-initialised ``Linear(D, 6D)`` of ``SiLU(c)``,
+    so the block starts as the identity.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp: nn.Module) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = mlp
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=1)  # each [B, D]
+        x = x + gate1[:, None, :] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2[:, None, :] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """``[B, L, D]``, ``c [B, D]`` -> ``[B, L, out_dim]``: adaLN then a zero-initialised projection."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.proj = nn.Linear(dim, out_dim)
+        for linear in (self.modulation[1], self.proj):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c).chunk(2, dim=1)
+        return self.proj(modulate(self.norm(x), shift, scale))
+
+
+# ---- the model --------------------------------------------------------------------------------
+class DiT(nn.Module):
+    """Class-conditional diffusion transformer (dense or MoE), see the module docstring.
+
+    ``forward(x_t [B, C, H, W], t [B] float in [0, 1], y [B] long in [0, num_classes])`` ->
+    the predicted velocity ``[B, C, H, W]``. ``y == num_classes`` is the null (unconditional) class.
+    After a forward, ``last_timesteps`` holds its ``t`` (detached) for :func:`experts_by_timestep`.
+    """
+
+    def __init__(self, config: Optional[DiTConfig] = None) -> None:
+        super().__init__()
+        self.config = config = config if config is not None else DiTConfig()
+        config.validate()
+        d = config.dim
+        grid = config.image_size // config.patch_size
+        self.patch_embed = PatchEmbed(config.image_size, config.patch_size, config.in_channels, d)
+        self.register_buffer("pos_embed", sincos_2d(grid, d)[None], persistent=False)  # [1, L, D]
+        self.t_embed = TimestepEmbedding(d)
+        self.y_embed = nn.Embedding(config.num_classes + 1, d)  # + the null class
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(DiTBlock(d, config.heads, self._make_mlp()) for _ in range(config.depth))
+        self.final = FinalLayer(d, config.target_dim)
+        self.last_timesteps: Optional[Tensor] = None
+
+    def _make_mlp(self) -> nn.Module:
+        c = self.config
+        if not c.is_moe:
+            return FFN(c.dim, c.mlp_hidden, activation=c.activation)
+        gate = None
+        if c.per_layer_reg or c.mlp_router:
+            gate = MLPGate(c.dim, c.num_experts, target_dim=c.target_dim if c.per_layer_reg else None)
+        return MoE(
+            c.dim,
+            c.hidden_per_expert,
+            c.num_experts,
+            build_router(c),
+            activation=c.activation,
+            gate=gate,
+            losses=c.moe_losses or None,
+            dispatch=c.dispatch,
+        )
+
+    def condition(self, t: Tensor, y: Tensor) -> Tensor:
+        """The conditioning vector ``c [B, D]`` of timesteps ``t [B]`` and labels ``y [B]``."""
+        return self.t_embed(t) + self.y_embed(y)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        c = self.config
+        b = x.shape[0]
+        if t.shape != (b,) or y.shape != (b,):
+            raise ValueError(f"t and y must be [B={b}], got {tuple(t.shape)} and {tuple(y.shape)}")
+        if not t.is_floating_point() or y.is_floating_point():
+            raise ValueError("t must be float in [0, 1] and y integer class labels")
+        self.last_timesteps = t.detach()
+        h = self.patch_embed(x) + self.pos_embed.to(x.dtype)  # [B, L, D]
+        cond = self.condition(t, y)  # [B, D]
+        for block in self.blocks:
+            h = block(h, cond)
+        out = self.final(h, cond)  # [B, L, p*p*C]
+        return unpatchify(out, c.patch_size, c.in_channels, c.image_size, c.image_size)
+
+
+# ---- routing analysis -------------------------------------------------------------------------
+def timestep_buckets(t: Tensor, num_buckets: int = 10) -> Tensor:
+    """Bucket index ``floor(t * num_buckets)`` (t = 1 in the last bucket): long ``[B]``."""
+    if num_buckets < 1:
+        raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+    return (t.float() * num_buckets).long().clamp(0, num_buckets - 1)
+
+
+def _moe_layers_or_raise(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("the model has no MoE layer")
+    return layers
+
+
+def experts_by_timestep(model: DiT, num_buckets: int = 10) -> Dict[str, Dict[str, Tensor]]:
+    """Routing of the last forward broken down by diffusion-timestep bucket.
+
+    Returns ``{layer name: moe_lite.by_label(routing, bucket of t [B], num_buckets)}``: per bucket
+    ``counts [num_buckets, E]``, ``fraction``, ``tokens [num_buckets]``, ``experts_per_token``
+    (nan for an empty bucket) and ``dropped_fraction``. Bucket i covers t in [i/n, (i+1)/n);
+    t near 1 is noise, near 0 is data.
+    """
+    t = getattr(model, "last_timesteps", None)
+    if t is None:
+        raise ValueError("run a forward pass first: the model has no recorded timesteps")
+    buckets = timestep_buckets(t, num_buckets)
+    out = {}
+    for name, layer in _moe_layers_or_raise(model):
+        routing = getattr(layer, "routing", None)
+        if routing is None or routing.batch_size != t.shape[0]:
+            raise ValueError(f"MoE layer {name!r} holds no routing of the last forward")
+        out[name] = by_label(routing, buckets, num_buckets)
+    return out
+
+
+@dataclass
+class ExpertUsage:
+    """Routed-expert compute accumulated over every forward inside :func:`track_experts`.
+
+    ``counts[layer]`` float ``[num_buckets, E]``: assignments per timestep bucket and expert;
+    ``tokens[layer]`` float ``[num_buckets]``: tokens seen per bucket (a token counts once per forward).
+    """
+
+    num_buckets: int
+    counts: Dict[str, Tensor] = field(default_factory=dict)
+    tokens: Dict[str, Tensor] = field(default_factory=dict)
+    nominal_k: Optional[float] = None
+
+    def add(self, name: str, routing, buckets: Tensor) -> None:
+        """Accumulate one forward's ``routing`` of layer ``name`` with its sample buckets ``[B]``."""
+        stats = by_label(routing, buckets, self.num_buckets)
+        if name not in self.counts:
+            self.counts[name] = torch.zeros_like(stats["counts"], device="cpu")
+            self.tokens[name] = torch.zeros_like(stats["tokens"], device="cpu")
+        self.counts[name] += stats["counts"].cpu()
+        self.tokens[name] += stats["tokens"].cpu()
+
+    @property
+    def experts_per_token(self) -> float:
+        """Realised mean routed experts per token, over every layer, token and forward (nan if none)."""
+        tokens = sum(float(v.sum()) for v in self.tokens.values())
+        if tokens == 0:
+            return float("nan")
+        return sum(float(v.sum()) for v in self.counts.values()) / tokens
+
+    @property
+    def relative_compute(self) -> float:
+        """Realised routed-expert FLOPs relative to the nominal ``k`` experts per token (1 = as trained)."""
+        return self.experts_per_token / self.nominal_k if self.nominal_k else float("nan")
+
+    def per_layer(self) -> Dict[str, float]:
+        """``{layer: mean experts per token}``."""
+        return {name: float(self.counts[name].sum() / self.tokens[name].sum().clamp_min(1)) for name in self.counts}
+
+    def by_timestep(self) -> Tensor:
+        """float ``[num_buckets]``: mean experts per token in each t bucket over all layers (nan if empty)."""
+        counts = sum(c.sum(1) for c in self.counts.values())
+        tokens = sum(self.tokens.values())
+        return torch.where(tokens > 0, counts / tokens.clamp_min(1), torch.full_like(tokens, float("nan")))
+
+    def tokens_per_expert(self) -> Dict[str, Tensor]:
+        """``{layer: float [E]}`` total assignments per expert."""
+        return {name: c.sum(0) for name, c in self.counts.items()}
+
+
+@contextlib.contextmanager
+def track_experts(model: DiT, num_buckets: int = 10) -> Iterator[ExpertUsage]:
+    """Measure the routed-expert compute of everything run inside the block (e.g. :func:`sample`).
+
+    Usage::
+
+        with track_experts(model) as usage:
+            images = sample(model, labels)
+        usage.experts_per_token, usage.relative_compute, usage.by_timestep()
+
+    Forward hooks on every MoE layer read its ``routing`` after each call, bucketed by the DiT's
+    ``last_timesteps``; they are removed on exit. With guidance, the unconditional half counts too
+    (it is real compute).
+    """
+    layers = _moe_layers_or_raise(model)
+    usage = ExpertUsage(num_buckets=num_buckets, nominal_k=float(model.config.k))
+
+    def make_hook(name: str):
+        def hook(layer: nn.Module, inputs, output) -> None:
+            usage.add(name, layer.routing, timestep_buckets(model.last_timesteps, num_buckets))
+
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers]
+    try:
+        yield usage
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---- Race inference threshold -----------------------------------------------------------------
+def race_routers(model: nn.Module) -> List[Tuple[str, Race]]:
+    """``[(module name, Race router)]`` in model order; ``ValueError`` if there is none."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, Race)]
+    if not found:
+        raise ValueError("the model has no Race router")
+    return found
+
+
+def race_thresholds(model: nn.Module) -> Dict[str, float]:
+    """``{router name: its eval threshold}`` (a snapshot, to restore with :func:`set_race_threshold`)."""
+    return {name: float(router.threshold) for name, router in race_routers(model)}
+
+
+def set_race_threshold(
+    model: nn.Module, offset_or_value: Union[float, Mapping[str, float]], *, absolute: bool = False
+) -> Dict[str, float]:
+    """Move the eval threshold of every Race router; returns the thresholds from before (a snapshot).
+
+    ``offset_or_value``: a float added to every (trained) threshold (default; higher = fewer experts
+    per token, less compute), or with ``absolute=True`` the value every threshold is set to, or a
+    snapshot dict (as returned by this function or :func:`race_thresholds`) to restore. Takes effect
+    on the next eval-mode forward; training keeps updating the EMA from wherever it is.
+    For a slider, prefer :func:`shifted_race_threshold`, which always shifts the learned value.
+
+    Raises:
+        ValueError: no Race router, an offset on a router that has no trained threshold yet, or a
+            snapshot missing a router.
+    """
+    routers = race_routers(model)
+    previous = {name: float(router.threshold) for name, router in routers}
+    for name, router in routers:
+        if isinstance(offset_or_value, Mapping):
+            if name not in offset_or_value:
+                raise ValueError(f"the snapshot has no threshold for router {name!r}")
+            router.set_threshold(float(offset_or_value[name]))
+        elif absolute:
+            router.set_threshold(float(offset_or_value))
+        elif not bool(router.initialized):
+            raise ValueError(f"Race router {name!r} has no trained threshold to shift: train first")
+        else:
+            router.set_threshold(previous[name] + float(offset_or_value))
+    return previous
+
+
+@contextlib.contextmanager
+def shifted_race_threshold(model: nn.Module, offset: float) -> Iterator[Dict[str, float]]:
+    """Within the block every Race eval threshold is ``learned + offset``; restored exactly on exit.
+
+    Yields the learned thresholds. Usage: ``with shifted_race_threshold(model, 0.2): sample(...)``.
+    """
+    previous = set_race_threshold(model, offset)
+    try:
+        yield previous
+    finally:
+        set_race_threshold(model, previous)
