@@ -67,8 +67,10 @@ def run_adapt(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
                                       "pretrain_images": len(pre_train), "adapt_images": len(ada_train)})
     with Timer() as timer:
         base = train_classifier("pretrain (classes 0-4)", ViT(config), ctx, pre_spec, ctx.seeds[0],
-                                pre_train, pre_test)
+                                pre_train, pre_test, experiment="adapt")
         result.metrics["pretrain_accuracy"] = base.metrics["accuracy"]
+        # the adapted runs' cache keys must change when the pretrained weights do
+        pretrain_key = repr((config, pre_spec, ctx.seeds[0], len(pre_train)))
         result.models["pretrained"] = base.model
         rows = []
         for method in chosen:
@@ -79,7 +81,8 @@ def run_adapt(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
                                 **kwargs)
                 # full fine-tuning wants a smaller step than the adapters
                 lr = ada_spec.lr * (0.3 if kwargs["method"] == "full" else 1.0)
-                record = train_classifier(method, adapted, ctx, ada_spec, seed, ada_train, ada_test, lr=lr)
+                record = train_classifier(method, adapted, ctx, ada_spec, seed, ada_train, ada_test, lr=lr,
+                                          experiment="adapt", key=(kwargs, rank, num_experts, pretrain_key))
                 accs.append(record.metrics["accuracy"])
                 if cost is None:
                     cost = adapter_cost(record.model)  # routing of its last (eval) forward

@@ -1,6 +1,7 @@
 """Training and analysis steps that several experiments share (classification on Fashion-MNIST)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -9,7 +10,7 @@ from torch import Tensor, nn
 
 from ..layers import moe_layers, routing_stats
 from ..routing import by_label
-from ..train import ClassificationTask, History, TrainConfig, fit
+from ..train import ClassificationTask, History, TrainConfig, fit, load_checkpoint
 from .core import Dataset, RunContext
 
 
@@ -49,10 +50,43 @@ class RunRecord:
     metrics: Dict[str, Any]
 
 
+def cached_fit(experiment: str, name: str, model: nn.Module, task: Any, train_loader: Any, eval_loader: Any,
+               config: TrainConfig, ctx: RunContext, key: Sequence[Any] = (),
+               callbacks: Sequence[Callable] = ()) -> History:
+    """:func:`moe_lite.train.fit`, unless the run context holds a checkpoint of this exact run
+    (same model config, train config, data, size, seed): then the model is loaded from it and its
+    history returned, without training. New runs write their checkpoint there.
+
+    Callbacks with ``state_dict()`` / ``load_state_dict()`` (e.g. :class:`StepStats`) are saved
+    beside the checkpoint (``.callbacks.json``) and restored with it.
+    """
+    train_config = {k: v for k, v in config.to_dict().items() if k not in ("checkpoint", "progress")}
+    path = ctx.checkpoint_path(experiment, name, getattr(model, "config", None), train_config,
+                               len(train_loader.dataset), *key)
+    stateful = [cb for cb in callbacks if hasattr(cb, "state_dict")]
+    sidecar = path.with_suffix(".callbacks.json") if path is not None else None
+    if path is not None and ctx.reuse and path.is_file():
+        payload = load_checkpoint(path, model)
+        model.to(ctx.device).eval()
+        if stateful and sidecar.is_file():
+            for cb, state in zip(stateful, json.loads(sidecar.read_text())):
+                cb.load_state_dict(state)
+        if ctx.progress:
+            print(f"[{name}] loaded the cached checkpoint {path} (delete it, or pass reuse=False, to retrain)")
+        return History.from_dict(payload["history"])
+    config.checkpoint = str(path) if path is not None else None
+    history = fit(model, task, train_loader, eval_loader, config, callbacks=list(callbacks))
+    if sidecar is not None and stateful:
+        sidecar.write_text(json.dumps([cb.state_dict() for cb in stateful]))
+    return history
+
+
 def train_classifier(name: str, model: nn.Module, ctx: RunContext, size: ClassifySize, seed: int,
                      train: Dataset, test: Dataset, callbacks: Sequence[Callable] = (),
-                     lr: Optional[float] = None) -> RunRecord:
-    """Train ``model`` with the kit's trainer and return its final test metrics.
+                     lr: Optional[float] = None, experiment: str = "classify",
+                     key: Sequence[Any] = ()) -> RunRecord:
+    """Train ``model`` with the kit's trainer (or load its cached checkpoint) and return its final
+    test metrics.
 
     Metrics: ``accuracy``, ``loss``, ``train_time_s``, ``steps``, ``stop_reason`` and, for MoE models,
     ``routing`` (layer -> statistics on the first test batch).
@@ -62,7 +96,8 @@ def train_classifier(name: str, model: nn.Module, ctx: RunContext, size: Classif
                          progress=ctx.progress, time_budget_s=size.time_budget_s)
     if ctx.progress:
         print(f"[{name}] seed {seed}: {sum(p.numel() for p in model.parameters()):,} parameters")
-    history = fit(model, ClassificationTask(), train_loader, test_loader, config, callbacks=list(callbacks))
+    history = cached_fit(experiment, name, model, ClassificationTask(), train_loader, test_loader, config, ctx,
+                         key=(seed, *key), callbacks=callbacks)
     final = history.evals[-1]
     metrics = {
         "accuracy": final.get("accuracy"),
@@ -157,3 +192,9 @@ class StepStats:
             if vals:
                 record[key] = sum(vals) / len(vals)
         self.records.append(record)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"every": self.every, "records": self.records}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.every, self.records = state["every"], list(state["records"])

@@ -1,6 +1,7 @@
 """What every experiment shares: sizes, the run context (data, device, seeds), and the result record."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -66,17 +67,37 @@ class RunContext:
     device: torch.device
     data: str = "auto"
     progress: bool = True
+    cache_dir: Optional[Path] = None
+    reuse: bool = True
     _splits: Optional[Tuple[Dataset, Dataset]] = field(default=None, repr=False)
 
     @classmethod
     def create(cls, size: Optional[str] = None, seeds: Optional[Sequence[int]] = None, device: str = "auto",
-               data: str = "auto", progress: bool = True, default_seeds: Sequence[int] = (0,)) -> "RunContext":
+               data: str = "auto", progress: bool = True, default_seeds: Sequence[int] = (0,),
+               cache: Optional[str | Path] = "default", reuse: bool = True) -> "RunContext":
+        """``cache``: folder of trained checkpoints ("default": ``$MOE_LITE_CACHE/runs`` or
+        ``~/.cache/moe_lite/runs``; None: no caching). ``reuse=False`` retrains even when a matching
+        checkpoint exists (and overwrites it)."""
         from ..train import pick_device
 
         if data not in DATA_CHOICES:
             raise ValueError(f"data must be one of {DATA_CHOICES}, got {data!r}")
+        if cache == "default":
+            root = os.environ.get("MOE_LITE_CACHE") or Path.home() / ".cache" / "moe_lite"
+            cache = Path(root) / "runs"
         return cls(size=resolve_size(size), seeds=list(seeds or default_seeds), device=pick_device(device),
-                   data=data, progress=progress)
+                   data=data, progress=progress, cache_dir=Path(cache) if cache is not None else None,
+                   reuse=reuse)
+
+    def checkpoint_path(self, experiment: str, name: str, *key_parts: Any) -> Optional[Path]:
+        """Where a trained model of ``experiment``/``name`` is cached: the file name carries a hash
+        of everything that defines the run (configs, size, seed, data), so a change retrains."""
+        if self.cache_dir is None:
+            return None
+        key = repr((self.size, self.data, str(self.device.type)) + tuple(repr(p) for p in key_parts))
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+        return self.cache_dir / experiment / f"{slug}-{digest}.pt"
 
     def splits(self) -> Tuple[Dataset, Dataset]:
         """(train, test) Fashion-MNIST as normalised tensors, from the source ``data`` asks for."""

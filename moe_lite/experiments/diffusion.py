@@ -16,9 +16,9 @@ import torch
 from ..data import CLASS_NAMES
 from ..models.dit import DiT, DiTConfig, track_experts
 from ..models.diffusion import DiffusionTask, sample, to_unit_range
-from ..train import TrainConfig, fit
+from ..train import TrainConfig
 from .. import viz
-from .common import StepStats, loaders
+from .common import StepStats, cached_fit, loaders
 from .core import ExperimentResult, RunContext, Timer, mean_std
 
 
@@ -130,10 +130,10 @@ def run_dit(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None
                 model = DiT(config)
                 tracker = StepStats(every=10)
                 train_loader, test_loader = loaders(train, test_all.take(20, seed=1), spec.batch_size, seed)
-                history = fit(model, DiffusionTask(), train_loader, test_loader,
-                              TrainConfig(epochs=spec.epochs, lr=spec.lr, seed=seed, device=str(ctx.device),
-                                          progress=ctx.progress, time_budget_s=spec.time_budget_s),
-                              callbacks=[tracker])
+                history = cached_fit("dit", name, model, DiffusionTask(), train_loader, test_loader,
+                                     TrainConfig(epochs=spec.epochs, lr=spec.lr, seed=seed, device=str(ctx.device),
+                                                 progress=ctx.progress, time_budget_s=spec.time_budget_s),
+                                     ctx, key=(seed,), callbacks=[tracker])
                 gen = evaluate_samples(model, classifier, reference, spec, ctx.device, seed=seed)
                 per_seed.append((model, history, gen, tracker))
             model, history, gen, tracker = per_seed[0]

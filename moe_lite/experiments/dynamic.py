@@ -78,7 +78,8 @@ def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = 
         for name, config in configs.items():
             accs, experts, profiles = [], [], []
             for seed in ctx.seeds:
-                record = train_classifier(name, ViT(config), ctx, spec, seed, train, test)
+                record = train_classifier(name, ViT(config), ctx, spec, seed, train, test,
+                                          experiment="dynamic")
                 profile = expert_profile(record.model, test, ctx.device)
                 accs.append(record.metrics["accuracy"])
                 experts.append(float(profile["experts"].mean()))

@@ -72,7 +72,8 @@ def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
             config = vimoe_variant(variant, base)
             accs, runs = [], []
             for seed in ctx.seeds:
-                record = train_classifier(variant, ViT(config), ctx, spec, seed, train, test)
+                record = train_classifier(variant, ViT(config), ctx, spec, seed, train, test,
+                                          experiment="vimoe")
                 accs.append(record.metrics["accuracy"])
                 runs.append(record)
             params = count_parameters(runs[0].model)

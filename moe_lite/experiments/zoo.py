@@ -76,7 +76,8 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
             accs, stats_runs = [], []
             for seed in ctx.seeds:
                 tracker = StepStats(every=5)
-                record = train_classifier(entry, ViT(config), ctx, spec, seed, train, test, callbacks=[tracker])
+                record = train_classifier(entry, ViT(config), ctx, spec, seed, train, test, callbacks=[tracker],
+                                          experiment=name)
                 accs.append(record.metrics["accuracy"])
                 stats_runs.append(record.metrics.get("routing") or {})
                 if seed == ctx.seeds[0]:

@@ -1,0 +1,847 @@
+"""Every router: logits ``[B, L, E]`` -> :class:`~moe_lite.routing.Routing`. No expert code here.
+
+Axis legend: ``b`` batch, ``l`` tokens per sample, ``e`` experts, ``n = b*l`` flat tokens,
+``a`` assignments (token, expert pairs), ``g`` selection groups, ``c`` candidates per group.
+
+Every router shares one recipe: compute *scores* from the logits (softmax / sigmoid / identity),
+decide a bool *mask* ``[B, L, E]`` of selected (token, expert) pairs, and read the combine
+*weights* off a dense ``[B, L, E]`` tensor at the selected pairs (so the gradient reaches the
+logits through ``Routing.weight``). Selection itself is discrete and carries no gradient.
+
+Train and eval run the same code except where the method differs: noise (``TopK``) is train-only,
+``Race`` may select with its EMA threshold in eval, ``BalancedAssignment`` solves the balanced
+problem only in training, ``BiasBalanced`` counts its load only in training.
+
+Routers: :class:`TopK`, :class:`Switch`, :class:`ExpertChoice`, :class:`TopP`, :class:`Race`,
+:class:`Hash`, :class:`BalancedAssignment`, :class:`BiasBalanced`, :class:`LearnedThreshold`;
+:func:`make_router` builds one by lowercase name.
+"""
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .routing import Routing
+
+__all__ = [
+    "Router",
+    "TopK",
+    "Switch",
+    "ExpertChoice",
+    "TopP",
+    "Race",
+    "Hash",
+    "BalancedAssignment",
+    "BiasBalanced",
+    "LearnedThreshold",
+    "ROUTERS",
+    "make_router",
+    "balanced_assignment",
+    "check_logits",
+    "group_topk_count",
+]
+
+GATINGS = ("softmax", "sigmoid", "identity")
+AXES = "BLE"
+
+
+# ---- validation -------------------------------------------------------------------------------
+def check_logits(logits: Any) -> Tuple[int, int, int]:
+    """Validate router logits and return ``(B, L, E)``.
+
+    Raises ``ValueError`` unless ``logits`` is a finite, floating, 3-D tensor ``[B, L, E]`` with at
+    least one token and one expert.
+    """
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"logits must be a torch.Tensor of shape [B, L, E], got {type(logits).__name__}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be 3-D [B, L, E], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating tensor, got dtype {logits.dtype} (shape {tuple(logits.shape)})")
+    b, l, e = logits.shape
+    if b * l == 0 or e == 0:
+        raise ValueError(f"logits must hold at least one token and one expert, got shape {tuple(logits.shape)}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"logits must be finite (no NaN or inf), shape {tuple(logits.shape)}")
+    return b, l, e
+
+
+def _check_k(k: Any, *, integer: bool, name: str = "k") -> Any:
+    """``k >= 1`` (an int when ``integer``); ``k <= E`` is checked in forward, once E is known."""
+    is_number = isinstance(k, (int, float)) and not isinstance(k, bool)
+    if not is_number or (integer and not isinstance(k, int)):
+        kind = "an int" if integer else "a number"
+        raise ValueError(f"{name} must be {kind} >= 1, got {k!r}")
+    if not math.isfinite(k) or k < 1:
+        raise ValueError(f"{name} must be >= 1, got {k!r}")
+    return k
+
+
+def _check_k_fits(k: Any, num_experts: int, name: str = "k") -> None:
+    if k > num_experts:
+        raise ValueError(f"{name}={k} exceeds the number of experts E={num_experts}")
+
+
+def _check_choice(value: Any, choices: Sequence[Any], name: str) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _check_experts(num_experts: int, logits_experts: int, who: str) -> None:
+    if num_experts != logits_experts:
+        raise ValueError(
+            f"{who} was built for num_experts={num_experts} but logits have E={logits_experts} experts"
+        )
+
+
+def _check_x(x: Optional[Tensor], logits: Tensor, dim: int, who: str) -> Tensor:
+    """``x`` must be ``[B, L, dim]`` matching the logits' B and L."""
+    if x is None:
+        raise ValueError(f"{who} needs the layer input x [B, L, {dim}] (got x=None)")
+    b, l, _ = logits.shape
+    if not isinstance(x, Tensor) or tuple(x.shape) != (b, l, dim):
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{who} needs x of shape [B, L, dim] = {(b, l, dim)}, got {shape}")
+    return x
+
+
+# ---- shared building blocks -------------------------------------------------------------------
+def _gate(logits: Tensor, gating: str) -> Tensor:
+    """Gating scores ``[B, L, E]``: softmax / sigmoid over experts, or the raw logits."""
+    if gating == "softmax":
+        return logits.softmax(-1)
+    if gating == "sigmoid":
+        return torch.sigmoid(logits)
+    return logits
+
+
+def _topk_mask(scores: Tensor, k: int) -> Tensor:
+    """bool ``[B, L, E]``: each token's ``k`` highest scores."""
+    idx = scores.detach().topk(k, dim=-1).indices  # [B, L, k]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def _routing(
+    logits: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    scores: Optional[Tensor],
+    info: Dict[str, Any],
+) -> Routing:
+    """Build a :class:`Routing` from a selection ``mask [B, L, E]`` and dense ``weight [B, L, E]``.
+
+    Assignments come out token-major (sorted by token, then expert); ``weight`` is indexed, so
+    its gradient flows back to whatever produced it.
+    """
+    b, l, e = logits.shape
+    token, expert = mask.reshape(b * l, e).nonzero(as_tuple=True)  # [A], [A]
+    return Routing(
+        logits=logits,
+        token=token,
+        expert=expert,
+        weight=weight.reshape(b * l, e)[token, expert],  # [A]
+        num_experts=e,
+        scores=scores,
+        info=info,
+    )
+
+
+def _canonical_candidates(candidates: Any) -> str:
+    """``"LB"`` -> ``"BL"``; ``ValueError`` unless a non-empty set of distinct letters from ``BLE``."""
+    if not isinstance(candidates, str) or not candidates:
+        raise ValueError(f"candidates must be a non-empty string of letters from 'BLE', got {candidates!r}")
+    letters = candidates.upper()
+    if set(letters) - set(AXES) or len(set(letters)) != len(letters):
+        raise ValueError(f"candidates must be distinct letters from 'BLE' (any order), got {candidates!r}")
+    return "".join(a for a in AXES if a in letters)
+
+
+def group_topk_count(shape: Sequence[int], candidates: str, k: float) -> int:
+    """Winners per group ``K = max(1, round(k * C / E))``, capped at ``C``.
+
+    ``C`` is the product of the candidate axes' sizes of ``shape = (B, L, E)``; ``candidates`` a
+    canonical string (see :class:`Race`). Python's ``round`` (half to even) is used.
+    """
+    sizes = dict(zip(AXES, shape))
+    group = math.prod(sizes[a] for a in candidates)
+    return min(group, max(1, round(k * group / sizes["E"])))
+
+
+def _grouped(t: Tensor, candidates: str) -> Tensor:
+    """``[B, L, E]`` -> ``[G, C]``: the non-candidate axes become groups, the candidate axes one row."""
+    perm = [i for i, a in enumerate(AXES) if a not in candidates] + [i for i, a in enumerate(AXES) if a in candidates]
+    group = math.prod(t.shape[i] for i, a in enumerate(AXES) if a in candidates)
+    return t.permute(perm).reshape(-1, group)
+
+
+def _ungrouped(g: Tensor, shape: Sequence[int], candidates: str) -> Tensor:
+    """Inverse of :func:`_grouped`: ``[G, C]`` -> ``[B, L, E]``."""
+    perm = [i for i, a in enumerate(AXES) if a not in candidates] + [i for i, a in enumerate(AXES) if a in candidates]
+    inverse = sorted(range(3), key=perm.__getitem__)
+    return g.reshape([shape[i] for i in perm]).permute(inverse)
+
+
+def _group_topk(scores: Tensor, candidates: str, k_per_group: int) -> Tuple[Tensor, Tensor]:
+    """Top-``K`` inside every group. Returns bool mask ``[B, L, E]`` and each group's K-th largest ``[G]``."""
+    g = _grouped(scores.detach(), candidates)  # [G, C]
+    values, idx = g.topk(k_per_group, dim=-1)  # [G, K]
+    mask_g = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
+    return _ungrouped(mask_g, scores.shape, candidates), values[:, -1]
+
+
+# ---- base -------------------------------------------------------------------------------------
+class Router(nn.Module):
+    """Base router: validates logits, then :meth:`route` decides.
+
+    ``forward(logits [B, L, E], x=None [B, L, D], key=None [B, L] or [L]) -> Routing``.
+    ``x`` is only read by routers with input-dependent parameters (learned noise, learned
+    threshold); ``key`` only by :class:`Hash`.
+    """
+
+    def forward(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        check_logits(logits)
+        return self.route(logits, x=x, key=key)
+
+    def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        """Decide on validated logits ``[B, L, E]``; subclasses implement this."""
+        raise NotImplementedError
+
+
+# ---- token choice -----------------------------------------------------------------------------
+class TopK(Router):
+    """Token choice: each token takes its ``k`` highest gating scores.
+
+    Args:
+        k: experts per token (int, ``1 <= k <= E``).
+        renormalize: divide the chosen scores by their sum over the k (softmax / sigmoid only).
+        gating: ``"softmax"``, ``"sigmoid"`` or ``"identity"`` (raw logits) scores.
+        noise: ``None``; ``"jitter"``: in training add ``noise_std * randn`` to the logits before
+            scoring (one ``torch.randn_like(logits)`` draw); ``"learned"``: Shazeer et al. 2017
+            noisy top-k, ``H = logits + randn * softplus(x @ W_noise.T)`` in training,
+            ``W_noise = Linear(dim, num_experts, bias=False)`` zero-initialised, and the weights are
+            ``softmax(keep_top_k(H))`` (non-kept set to -inf before the softmax: a softmax over the
+            kept k, so ``renormalize`` is implied and ``gating`` must be ``"softmax"``).
+        noise_std: jitter scale (``>= 0``).
+        dim, num_experts: required for ``noise="learned"`` (the noise projection's shape).
+
+    Noise is train-only; with noise the noisy logits drive both selection and weights, while
+    ``Routing.logits`` keeps the clean logits (for losses). ``Routing.scores`` = gated noisy logits.
+    """
+
+    def __init__(
+        self,
+        k: int,
+        renormalize: bool = False,
+        gating: str = "softmax",
+        noise: Optional[str] = None,
+        noise_std: float = 1.0,
+        dim: Optional[int] = None,
+        num_experts: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.k = _check_k(k, integer=True)
+        self.renormalize = bool(renormalize)
+        self.gating = _check_choice(gating, GATINGS, "gating")
+        self.noise = _check_choice(noise, (None, "jitter", "learned"), "noise")
+        if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        self.noise_std = float(noise_std)
+        if renormalize and gating == "identity":
+            raise ValueError("renormalize=True needs positive scores: use gating 'softmax' or 'sigmoid'")
+        self.dim = dim
+        self.num_experts = num_experts
+        self.noise_proj: Optional[nn.Linear] = None
+        if noise == "learned":
+            if gating != "softmax":
+                raise ValueError(f"noise='learned' (Shazeer noisy top-k) uses softmax gating, got gating={gating!r}")
+            if not isinstance(dim, int) or dim < 1 or not isinstance(num_experts, int) or num_experts < 1:
+                raise ValueError(
+                    f"noise='learned' needs dim and num_experts (positive ints) for its noise projection "
+                    f"Linear(dim, num_experts); got dim={dim!r}, num_experts={num_experts!r}"
+                )
+            self.noise_proj = nn.Linear(dim, num_experts, bias=False)  # W_noise
+            nn.init.zeros_(self.noise_proj.weight)  # start at std = softplus(0) = log 2 for every expert
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, renormalize={self.renormalize}, gating={self.gating!r}, noise={self.noise!r}"
+
+    def _noisy(self, logits: Tensor, x: Optional[Tensor]) -> Tensor:
+        """The logits selection sees ``[B, L, E]``: clean in eval or without noise."""
+        if not self.training or self.noise is None:
+            return logits
+        if self.noise == "jitter":
+            return logits + self.noise_std * torch.randn_like(logits)
+        assert self.noise_proj is not None
+        x = _check_x(x, logits, self.noise_proj.in_features, "TopK(noise='learned')")
+        std = F.softplus(self.noise_proj(x)).to(logits.dtype)  # [B, L, E]
+        return logits + torch.randn_like(logits) * std
+
+    def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        e = logits.shape[-1]
+        _check_k_fits(self.k, e)
+        if self.noise == "learned":
+            _check_experts(self.noise_proj.out_features, e, "TopK(noise='learned')")  # type: ignore[union-attr]
+        h = self._noisy(logits, x)  # [B, L, E]
+        scores = _gate(h, self.gating)  # [B, L, E]
+        mask = _topk_mask(scores, self.k)  # [B, L, E]
+        if self.noise == "learned":
+            weight = h.masked_fill(~mask, float("-inf")).softmax(-1)  # Shazeer: keep top-k, then softmax
+        elif self.renormalize:
+            weight = scores / (scores * mask).sum(-1, keepdim=True)
+        else:
+            weight = scores
+        return _routing(logits, mask, weight, scores, {"k": self.k})
+
+
+class Switch(Router):
+    """Switch Transformer (Fedus et al. 2021): top-1 on softmax with a per-expert capacity.
+
+    ``capacity = int(capacity_factor * N / E)`` with ``N = B*L``. Tokens claim their expert first
+    come first served in flat token order; a token arriving at a full expert is dropped (no
+    assignment). Weight = the softmax probability of the chosen expert.
+    ``info``: ``capacity`` (int), ``dropped`` (long scalar tensor: number of dropped tokens).
+    """
+
+    def __init__(self, capacity_factor: float = 1.25) -> None:
+        super().__init__()
+        if not (isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+                and math.isfinite(capacity_factor) and capacity_factor > 0):
+            raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
+        self.capacity_factor = float(capacity_factor)
+
+    def extra_repr(self) -> str:
+        return f"capacity_factor={self.capacity_factor}"
+
+    def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        b, l, e = logits.shape
+        n = b * l
+        capacity = int(self.capacity_factor * n / e)
+        probs = logits.softmax(-1)  # [B, L, E]
+        choice = F.one_hot(probs.detach().reshape(n, e).argmax(-1), e)  # [N, E] long
+        # 0-based place of each token in its expert's queue, in flat token order
+        place = (choice.cumsum(0) * choice).sum(-1) - 1  # [N]
+        kept = place < capacity  # [N]
+        mask = (choice.bool() & kept[:, None]).reshape(b, l, e)
+        info = {"capacity": capacity, "dropped": (~kept).sum()}
+        return _routing(logits, mask, probs, probs, info)
+
+
+class TopP(Router):
+    """Dynamic top-p routing (Huang et al. 2024).
+
+    Softmax, sort descending; each token keeps the smallest prefix whose cumulative probability
+    exceeds ``p`` (the expert that crosses ``p`` is kept, so always at least one); at most
+    ``max_k`` experts if given. ``p = 1`` keeps all E (a float cumsum may never exceed 1).
+    Weights are the raw probabilities, NOT renormalised.
+    """
+
+    def __init__(self, p: float = 0.4, max_k: Optional[int] = None) -> None:
+        super().__init__()
+        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1):
+            raise ValueError(f"p must be in (0, 1], got {p!r}")
+        self.p = float(p)
+        self.max_k = None if max_k is None else _check_k(max_k, integer=True, name="max_k")
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, max_k={self.max_k}"
+
+    def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        e = logits.shape[-1]
+        if self.max_k is not None:
+            _check_k_fits(self.max_k, e, "max_k")
+        probs = logits.softmax(-1)  # [B, L, E]
+        sorted_p, order = probs.detach().sort(dim=-1, descending=True, stable=True)  # [B, L, E]
+        if self.p >= 1.0:
+            keep = torch.ones_like(sorted_p, dtype=torch.bool)
+        else:
+            # mass strictly before each position; position j is kept while that mass is still <= p
+            before = F.pad(sorted_p.cumsum(-1)[..., :-1], (1, 0))  # [B, L, E]
+            keep = before <= self.p
+        if self.max_k is not None:
+            keep &= torch.arange(e, device=logits.device) < self.max_k
+        mask = torch.zeros_like(keep).scatter_(-1, order, keep)  # back to expert order
+        return _routing(logits, mask, probs, probs, {"p": self.p, "max_k": self.max_k})
+
+
+# ---- expert choice and the generalised race ---------------------------------------------------
+class ExpertChoice(Router):
+    """Expert choice (Zhou et al. 2022) with per-sample groups, as in the Expert Race paper's table.
+
+    Within each sample every expert takes its top ``capacity = max(1, round(k * L / E))`` tokens
+    (capped at L) by gating score; weights are those scores. A token may get 0..E experts.
+    ``k`` (``1 <= k <= E``, int or float) is the average experts per token. ``info``: ``capacity``.
+    """
+
+    def __init__(self, k: float, gating: str = "softmax") -> None:
+        super().__init__()
+        self.k = _check_k(k, integer=False)
+        self.gating = _check_choice(gating, GATINGS, "gating")
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, gating={self.gating!r}"
+
+    def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        _check_k_fits(self.k, logits.shape[-1])
+        capacity = group_topk_count(logits.shape, "L", self.k)
+        scores = _gate(logits, self.gating)  # [B, L, E]
+        mask, _ = _group_topk(scores, "L", capacity)
+        return _routing(logits, mask, scores, scores, {"capacity": capacity, "k": self.k})
+
+
+class Race(Router):
+    """Expert Race (Yuan et al. 2025): generalised top-K where chosen axes compete in one group.
+
+    ``candidates`` names the axes that compete inside one group (letters in any order):
+
+    ==========  ==================  ===================
+    candidates  groups              K per group
+    ==========  ==================  ===================
+    ``"E"``     B*L (token choice)  k
+    ``"L"``     B*E (expert choice) k*L/E
+    ``"BL"``    E                   B*L*k/E
+    ``"BE"``    L                   B*k
+    ``"LE"``    B                   L*k
+    ``"BLE"``   1 (the race)        B*L*k
+    ==========  ==================  ===================
+
+    In general ``K = max(1, round(k * prod(candidate sizes) / E))`` (capped at the group size).
+    Scores by ``gating`` (identity = raw logits by default); weights = the selected scores.
+
+    Training: top-K per group, and the buffer ``threshold`` tracks an EMA (``ema_decay``) of the
+    K-th largest score (mean over groups of each group's K-th largest), initialised from the
+    first training batch (buffer flag ``initialized``; both survive ``state_dict``).
+    Eval: with ``eval_threshold`` (default: True exactly when candidates is ``"BLE"``) every
+    (token, expert) whose score is ``>= threshold`` is selected, independent of the batch; an
+    eval call before any training batch raises ``RuntimeError``. Without it, the same top-K.
+    ``info``: ``threshold`` (EMA, after this call's update), ``K``, and in training
+    ``batch_threshold``.
+    """
+
+    threshold: Tensor
+    initialized: Tensor
+
+    def __init__(
+        self,
+        k: float,
+        ema_decay: float = 0.95,
+        candidates: str = "BLE",
+        gating: str = "identity",
+        eval_threshold: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        self.k = _check_k(k, integer=False)
+        if not (isinstance(ema_decay, (int, float)) and 0 <= ema_decay < 1):
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+        self.ema_decay = float(ema_decay)
+        self.candidates = _canonical_candidates(candidates)
+        self.gating = _check_choice(gating, GATINGS, "gating")
+        if eval_threshold is None:
+            eval_threshold = self.candidates == "BLE"
+        self.eval_threshold = bool(eval_threshold)
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return (f"k={self.k}, ema_decay={self.ema_decay}, candidates={self.candidates!r}, "
+                f"gating={self.gating!r}, eval_threshold={self.eval_threshold}")
+
+    @torch.no_grad()
+    def set_threshold(self, value: float) -> None:
+        """Set the eval threshold by hand (also marks it initialised)."""
+        self.threshold.fill_(float(value))
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _update_threshold(self, batch_threshold: Tensor) -> None:
+        """``threshold <- decay * threshold + (1 - decay) * batch`` (or ``batch`` on the first call)."""
+        new = batch_threshold.to(self.threshold.dtype)
+        ema = self.ema_decay * self.threshold + (1.0 - self.ema_decay) * new
+        self.threshold.copy_(torch.where(self.initialized, ema, new))
+        self.initialized.fill_(True)
+
+    def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        _check_k_fits(self.k, logits.shape[-1])
+        k_group = group_topk_count(logits.shape, self.candidates, self.k)
+        scores = _gate(logits, self.gating)  # [B, L, E]
+        info: Dict[str, Any] = {"K": k_group, "candidates": self.candidates}
+        if not self.training and self.eval_threshold:
+            if not bool(self.initialized):
+                raise RuntimeError(
+                    "Race eval with eval_threshold needs a threshold: run at least one training batch "
+                    "first (or call set_threshold / load a state_dict)"
+                )
+            mask = scores.detach() >= self.threshold.to(scores.dtype)  # batch-independent
+        else:
+            mask, kth = _group_topk(scores, self.candidates, k_group)  # kth: [G]
+            if self.training:
+                info["batch_threshold"] = kth.mean()
+                self._update_threshold(kth.mean())
+        info["threshold"] = self.threshold.detach().clone()
+        return _routing(logits, mask, scores, scores, info)
+
+
+# ---- fixed routing ----------------------------------------------------------------------------
+class Hash(Router):
+    """Hash layers (Roller et al. 2021): a fixed expert per token key, no learned router.
+
+    ``key`` long ``[B, L]`` or ``[L]`` (broadcast over the batch), given by the caller (e.g. the
+    vocabulary id); default: the position index ``0..L-1``. The expert is ``table[key]``, where the
+    buffer ``table`` (``num_keys`` entries) is a seeded random permutation of ``0..num_keys-1``
+    taken modulo E: a *balanced* hash (every expert owns ``num_keys / E`` keys, floor or ceil).
+    Keys must lie in ``[0, num_keys)``.
+
+    k = 1 and weight = 1.0. The weights carry NO gradient (nothing is learned); the logits are still
+    returned in the Routing for losses and plots. ``Routing.scores`` is the one-hot assignment.
+    """
+
+    table: Tensor
+
+    def __init__(self, num_experts: int, seed: int = 0, num_keys: int = 4096) -> None:
+        super().__init__()
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+        if not isinstance(num_keys, int) or num_keys < 1:
+            raise ValueError(f"num_keys must be an int >= 1, got {num_keys!r}")
+        self.num_experts = num_experts
+        self.seed = int(seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.register_buffer("table", torch.randperm(num_keys, generator=generator) % num_experts)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, seed={self.seed}, num_keys={self.table.numel()}"
+
+    def _keys(self, key: Optional[Tensor], b: int, l: int, device: torch.device) -> Tensor:
+        """long ``[B, L]`` keys (validated)."""
+        if key is None:
+            key = torch.arange(l, device=device)
+        if not isinstance(key, Tensor) or key.is_floating_point() or key.is_complex() or key.dtype == torch.bool:
+            raise ValueError(f"key must be an integer tensor [B, L] or [L], got {getattr(key, 'dtype', type(key))}")
+        if tuple(key.shape) not in ((b, l), (l,)):
+            raise ValueError(f"key must have shape [B, L] = {(b, l)} or [L] = {(l,)}, got {tuple(key.shape)}")
+        num_keys = self.table.numel()
+        if key.numel() and (int(key.min()) < 0 or int(key.max()) >= num_keys):
+            raise ValueError(f"keys must lie in [0, num_keys={num_keys}), got range [{int(key.min())}, {int(key.max())}]")
+        return key.long().to(self.table.device).expand(b, l)
+
+    def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        b, l, e = logits.shape
+        _check_experts(self.num_experts, e, "Hash")
+        expert = self.table[self._keys(key, b, l, logits.device)].to(logits.device)  # [B, L]
+        scores = F.one_hot(expert, e).to(logits.dtype)  # [B, L, E]
+        weight = torch.ones_like(scores)  # constant: no gradient by design
+        return _routing(logits, scores.bool(), weight, scores, {"k": 1})
+
+
+# ---- balanced assignment (BASE layers) --------------------------------------------------------
+def _sinkhorn(affinity: Tensor, num_iters: int, temperature: float) -> Tuple[Tensor, Tensor]:
+    """Entropic balanced transport of ``affinity [N, E]``: rows sum 1, columns N/E.
+
+    Works in the exp domain (two mat-vecs per iteration) in the affinity's dtype (float64 here:
+    the scalings span far more than float32's range); the kernel is shifted by each row's max and
+    floored at exp(-300) so it never underflows.
+    Returns the log plan ``[N, E]`` and each expert's price ``[E]`` (``-temperature * log v``:
+    high = much wanted).
+    """
+    n, e = affinity.shape
+    log_kernel = affinity - affinity.max(1, keepdim=True).values  # [N, E], in place below: big tensors
+    log_kernel.div_(temperature).clamp_min_(-300.0)
+    kernel = log_kernel.exp()
+    u = torch.ones(n, dtype=affinity.dtype, device=affinity.device)  # [N]
+    v = torch.ones(e, dtype=affinity.dtype, device=affinity.device)  # [E]
+    for _ in range(num_iters):
+        u = 1.0 / (kernel @ v)
+        v = (n / e) / (kernel.T @ u)
+    log_v = v.log()
+    return log_kernel.add_(u.log()[:, None]).add_(log_v), -temperature * log_v
+
+
+def _balanced_capacity(n: int, e: int, price: Tensor) -> Tensor:
+    """long ``[E]``: ``N // E`` each, plus one for the ``N % E`` most wanted (highest-price) experts."""
+    q, r = divmod(n, e)
+    capacity = torch.full((e,), q, dtype=torch.long, device=price.device)
+    if r:
+        capacity[price.topk(r).indices] += 1
+    return capacity
+
+
+def _greedy_fill(preference: Tensor, capacity: Tensor) -> Tensor:
+    """Capacity-constrained greedy, in rounds: long ``[N]`` expert per token.
+
+    Each round, every unassigned token proposes to its most preferred expert that still has room;
+    each expert accepts its best proposers up to its remaining room. A round either places every
+    proposer or fills an expert, so at most E + 1 rounds (``sum(capacity)`` must equal N).
+    """
+    n, e = preference.shape
+    owner = torch.full((n,), -1, dtype=torch.long, device=preference.device)  # [N]
+    room = capacity.clone()  # [E]
+    arange = torch.arange(n, device=preference.device)
+    for _ in range(e + 1):
+        free = (owner < 0).nonzero().squeeze(1)  # [U]
+        if free.numel() == 0:
+            break
+        pref = preference.index_select(0, free).masked_fill(room[None, :] <= 0, float("-inf"))  # [U, E]
+        score, best = pref.max(1)  # [U], [U]
+        # rank proposers inside each expert, best score first (two stable sorts)
+        order = torch.argsort(score, descending=True, stable=True)
+        order = order[torch.argsort(best[order], stable=True)]
+        best, tokens = best[order], free[order]
+        counts = torch.bincount(best, minlength=e)  # [E]
+        rank = arange[: free.numel()] - (counts.cumsum(0) - counts)[best]
+        won = rank < room[best]
+        owner[tokens[won]] = best[won]
+        room -= torch.bincount(best[won], minlength=e)
+    return owner
+
+
+def _members(owner: Tensor, load: Tensor, slots: int) -> Tensor:
+    """long ``[E, S]``: the tokens of each expert in token order, padded with -1."""
+    order = torch.argsort(owner, stable=True)  # [N] tokens grouped by expert
+    expert = owner[order]
+    place = torch.arange(owner.numel(), device=owner.device) - (load.cumsum(0) - load)[expert]
+    members = torch.full((load.numel(), slots), -1, dtype=torch.long, device=owner.device)
+    members[expert, place] = order
+    return members
+
+
+def _refine(affinity: Tensor, owner: Tensor, floor: int, num_iters: int) -> Tensor:
+    """Local search that keeps the balance: pairwise swaps, then single moves (vectorised).
+
+    Each iteration finds, for every (source, target) expert pair, the largest gain of moving one
+    source token to the target. Swaps between mutually-best expert pairs are applied together
+    (they are disjoint, so their gains add up); when no swap helps, the best single move from an
+    expert holding ``floor + 1`` tokens to one holding ``floor`` (every load stays in
+    {floor, floor + 1}). Stops early when nothing improves.
+    """
+    n, e = affinity.shape
+    slots = floor + 1  # every load is floor or floor + 1
+    members = _members(owner, torch.bincount(owner, minlength=e), slots)  # [E, S], -1 = hole
+    padded = torch.cat([affinity, affinity.new_zeros(1, e)])  # [N + 1, E]; row N stands for a hole
+    inf = affinity.new_full((1,), float("inf"))
+    arange_e = torch.arange(e, device=affinity.device)
+    tol = 1e-9 * (1.0 + float(affinity.abs().max()))
+    for _ in range(num_iters):
+        idx = torch.where(members < 0, n, members).flatten()  # [E * S]
+        own = torch.cat([affinity.gather(1, owner[:, None]).squeeze(1), inf])  # [N + 1]; hole: +inf
+        gain = (padded.index_select(0, idx) - own[idx][:, None]).view(e, slots, e)  # [E_src, S, E_dst]
+        best = gain.amax(1)  # [E_src, E_dst] best gain of moving one token src -> dst
+        swap = best + best.T  # [E, E]
+        swap.fill_diagonal_(float("-inf"))
+        value, partner = swap.max(1)  # [E]
+        mutual = (partner[partner] == arange_e) & (arange_e < partner) & (value > tol)
+        if bool(mutual.any()):
+            e1 = mutual.nonzero().squeeze(1)  # [P]
+            e2 = partner[e1]
+            s1, s2 = gain[e1, :, e2].argmax(-1), gain[e2, :, e1].argmax(-1)  # [P] slots
+            t1, t2 = members[e1, s1], members[e2, s2]
+            owner[t1], owner[t2] = e2, e1
+            members[e1, s1], members[e2, s2] = t2, t1
+            continue
+        load = (members >= 0).sum(1)  # [E]
+        movable = (load[:, None] > floor) & (load[None, :] <= floor)
+        move = torch.where(movable, best, torch.full_like(best, float("-inf")))
+        if not bool(move.max() > tol):
+            break
+        e1, e2 = divmod(int(move.argmax()), e)
+        s1 = int(gain[e1, :, e2].argmax())
+        hole = int((members[e2] < 0).nonzero()[0])  # an expert at floor has exactly one hole
+        t = members[e1, s1].clone()
+        owner[t] = e2
+        members[e1, s1], members[e2, hole] = -1, t
+    return owner
+
+
+@torch.no_grad()
+def balanced_assignment(
+    affinity: Tensor,
+    num_iters: int = 10,
+    temperature: float = 0.1,
+    refine_iters: int = 10,
+) -> Tensor:
+    """Assign ``N`` tokens to ``E`` experts, exactly balanced, approximately maximising affinity.
+
+    Every expert gets ``N // E`` or ``N // E + 1`` tokens (exactly N/E when E divides N), every
+    token exactly one expert. Approximate solution of BASE layers' balanced linear assignment
+    ``max sum_n affinity[n, a_n]``, fully vectorised (no loop over tokens):
+
+    1. Sinkhorn (``num_iters`` iterations, entropic temperature ``temperature * std(affinity)``)
+       gives a balanced soft plan and expert prices; the ``N % E`` highest-priced experts get
+       the extra token.
+    2. Capacity-constrained greedy on the log plan (at most E + 1 rounds).
+    3. ``refine_iters`` rounds of balance-keeping swaps / moves (:func:`_refine`).
+
+    Args:
+        affinity: float ``[N, E]`` (e.g. router logits). Sinkhorn runs in float64, the local
+            search in the input's precision (float32 unless the input is float64).
+    Returns:
+        long ``[N]``: the expert of each token.
+    """
+    if affinity.dim() != 2 or affinity.shape[0] == 0 or affinity.shape[1] == 0:
+        raise ValueError(f"affinity must be a non-empty [N, E] tensor, got shape {tuple(affinity.shape)}")
+    n, e = affinity.shape
+    if e == 1:
+        return torch.zeros(n, dtype=torch.long, device=affinity.device)
+    a = affinity.detach().double()  # Sinkhorn's kernel needs float64's range
+    scale = float(a.std()) if n * e > 1 else 0.0
+    scale = scale if scale > 0 and math.isfinite(scale) else 1.0  # constant affinity: any balance is optimal
+    log_plan, price = _sinkhorn(a, num_iters, temperature * scale)
+    owner = _greedy_fill(log_plan, _balanced_capacity(n, e, price))
+    work = affinity.detach().to(torch.promote_types(affinity.dtype, torch.float32))  # float32 unless float64
+    return _refine(work, owner, n // e, refine_iters)
+
+
+class BalancedAssignment(Router):
+    """BASE layers (Lewis et al. 2021): balanced token-to-expert assignment, one expert per token.
+
+    Training: :func:`balanced_assignment` on the raw logits (affinities) over all ``N = B*L``
+    tokens, so each expert gets exactly N/E tokens (floor/ceil when E does not divide N).
+    Eval: greedy argmax (token choice top-1). Weight = ``sigmoid(logit of the chosen expert)``
+    (BASE's output gate), differentiable; the assignment itself is not.
+    ``Routing.scores`` = the logits (the affinity selection used).
+    """
+
+    def __init__(self, num_iters: int = 10, temperature: float = 0.1, refine_iters: int = 10) -> None:
+        super().__init__()
+        if not isinstance(num_iters, int) or num_iters < 1:
+            raise ValueError(f"num_iters must be an int >= 1, got {num_iters!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if not isinstance(refine_iters, int) or refine_iters < 0:
+            raise ValueError(f"refine_iters must be an int >= 0, got {refine_iters!r}")
+        self.num_iters = num_iters
+        self.temperature = float(temperature)
+        self.refine_iters = refine_iters
+
+    def extra_repr(self) -> str:
+        return f"num_iters={self.num_iters}, temperature={self.temperature}, refine_iters={self.refine_iters}"
+
+    def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        b, l, e = logits.shape
+        flat = logits.detach().reshape(b * l, e)  # [N, E]
+        if self.training:
+            expert = balanced_assignment(flat, self.num_iters, self.temperature, self.refine_iters)
+        else:
+            expert = flat.argmax(-1)
+        mask = F.one_hot(expert, e).bool().reshape(b, l, e)
+        info = {"balanced": self.training, "k": 1}
+        return _routing(logits, mask, torch.sigmoid(logits), logits, info)
+
+
+# ---- auxiliary-loss-free balancing ------------------------------------------------------------
+class BiasBalanced(Router):
+    """DeepSeek-V3 auxiliary-loss-free balancing (Wang et al. 2024).
+
+    ``scores = sigmoid(logits)``; selection = top-k of ``scores + bias``; weights = the chosen
+    scores normalised over the chosen k, times ``scale``. The buffer ``bias [E]`` is used ONLY for
+    selection (no gradient). The buffer ``load [E]`` accumulates tokens per expert over training
+    forwards; call :meth:`update_bias` after the optimizer step.
+    """
+
+    bias: Tensor
+    load: Tensor
+
+    def __init__(self, num_experts: int, k: int, update_rate: float = 1e-3, scale: float = 1.0) -> None:
+        super().__init__()
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+        self.k = _check_k(k, integer=True)
+        _check_k_fits(self.k, num_experts)
+        if not (isinstance(update_rate, (int, float)) and math.isfinite(update_rate) and update_rate >= 0):
+            raise ValueError(f"update_rate must be a finite number >= 0, got {update_rate!r}")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        self.num_experts = num_experts
+        self.update_rate = float(update_rate)
+        self.scale = float(scale)
+        self.register_buffer("bias", torch.zeros(num_experts))
+        self.register_buffer("load", torch.zeros(num_experts))
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, k={self.k}, update_rate={self.update_rate}, scale={self.scale}"
+
+    @torch.no_grad()
+    def update_bias(self) -> Tensor:
+        """``bias += update_rate * sign(mean(load) - load)``; reset ``load``; return the load used ``[E]``."""
+        load = self.load.clone()
+        self.bias.add_(self.update_rate * torch.sign(load.mean() - load))
+        self.load.zero_()
+        return load
+
+    def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        _check_experts(self.num_experts, logits.shape[-1], "BiasBalanced")
+        scores = torch.sigmoid(logits)  # [B, L, E]
+        mask = _topk_mask(scores.detach() + self.bias.to(scores.dtype), self.k)  # bias: selection only
+        weight = self.scale * scores / (scores * mask).sum(-1, keepdim=True)
+        if self.training:
+            with torch.no_grad():
+                self.load += mask.sum((0, 1)).to(self.load.dtype)
+        return _routing(logits, mask, weight, scores, {"k": self.k, "bias": self.bias.detach().clone()})
+
+
+# ---- learned threshold ------------------------------------------------------------------------
+class LearnedThreshold(Router):
+    """AdaMoLE (Liu & Luo 2024): a learned, per-token threshold on the softmax probabilities.
+
+    ``p = softmax(logits)``, ``tau = sigmoid(W_t x + b_t) * max_threshold`` per token (default
+    ``max_threshold = 1 / num_experts``); experts with ``p - tau >= 0`` are selected with weights
+    ``p - tau`` normalised to sum 1 per token. A token may get zero experts. Needs ``x [B, L, dim]``.
+    ``info``: ``threshold`` (tau ``[B, L]``, detached).
+    """
+
+    def __init__(self, dim: int, num_experts: int, max_threshold: Optional[float] = None) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+        if max_threshold is None:
+            max_threshold = 1.0 / num_experts
+        if not (isinstance(max_threshold, (int, float)) and 0 < max_threshold <= 1):
+            raise ValueError(f"max_threshold must be in (0, 1], got {max_threshold!r}")
+        self.dim = dim
+        self.num_experts = num_experts
+        self.max_threshold = float(max_threshold)
+        self.threshold_proj = nn.Linear(dim, 1)  # W_t, b_t
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_experts={self.num_experts}, max_threshold={self.max_threshold}"
+
+    def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        _check_experts(self.num_experts, logits.shape[-1], "LearnedThreshold")
+        x = _check_x(x, logits, self.dim, "LearnedThreshold")
+        probs = logits.softmax(-1)  # [B, L, E]
+        tau = torch.sigmoid(self.threshold_proj(x)).to(probs.dtype) * self.max_threshold  # [B, L, 1]
+        adapted = probs - tau  # [B, L, E]
+        mask = adapted >= 0
+        kept = adapted * mask
+        total = kept.sum(-1, keepdim=True)  # [B, L, 1]
+        weight = kept / torch.where(total > 0, total, torch.ones_like(total))  # no expert: no division
+        info = {"threshold": tau.detach().squeeze(-1)}
+        return _routing(logits, mask, weight, probs, info)
+
+
+# ---- factory ----------------------------------------------------------------------------------
+ROUTERS = MappingProxyType({
+    "topk": TopK,
+    "switch": Switch,
+    "expert_choice": ExpertChoice,
+    "topp": TopP,
+    "race": Race,
+    "hash": Hash,
+    "balanced": BalancedAssignment,
+    "bias_balanced": BiasBalanced,
+    "learned_threshold": LearnedThreshold,
+})
+"""Read-only map: lowercase router name -> class (for notebooks and the CLI)."""
+
+
+def make_router(name: str, **kwargs: Any) -> Router:
+    """Build a router by lowercase name (see :data:`ROUTERS`), e.g. ``make_router("topk", k=2)``."""
+    if not isinstance(name, str) or name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; choose one of {sorted(ROUTERS)}")
+    return ROUTERS[name](**kwargs)
