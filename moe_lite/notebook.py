@@ -1,0 +1,80 @@
+"""What the first cell of every notebook needs: where we run, at which size, and plots that render.
+
+Usage (first code cell of a notebook)::
+
+    from moe_lite.notebook import setup
+    nb = setup()          # prints device, size, data source hint; returns a NotebookContext
+    nb.size, nb.device    # "smoke" | "quick" | "full", torch.device
+
+The size comes from ``$MOE_LITE_SIZE`` (CI sets ``smoke``), else ``quick`` on a CPU and ``full`` on a
+GPU. Nothing here trains or downloads anything.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .experiments.core import SIZE_ENV, SIZES
+from .train import pick_device
+
+#: Where the project lives (the Colab install cell and the badges point here).
+REPOSITORY = "https://github.com/moe-lite/moe_lite"
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+@dataclass(frozen=True)
+class NotebookContext:
+    size: str
+    device: torch.device
+    colab: bool
+    figure_mode: str  # "widget" (FigureWidget updated in place) or "static" (redrawn)
+
+    def __str__(self) -> str:
+        return f"size={self.size}, device={self.device}, colab={self.colab}, figures={self.figure_mode}"
+
+
+def choose_size(device: torch.device, size: Optional[str] = None) -> str:
+    """``size`` if given, else ``$MOE_LITE_SIZE``, else ``full`` on CUDA and ``quick`` elsewhere."""
+    size = size or os.environ.get(SIZE_ENV) or ("full" if device.type == "cuda" else "quick")
+    size = size.strip().lower()
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    os.environ[SIZE_ENV] = size  # experiments called without a size then agree with the notebook
+    return size
+
+
+def configure_plotly(colab: bool) -> None:
+    """Figures that render in JupyterLab (natively, from the plotly mime type, offline), in classic
+    Notebook and on GitHub-like viewers (HTML that loads plotly.js from its CDN), and in Colab.
+    Not the "notebook" renderer: it would store 4 MB of plotly.js in every notebook."""
+    import plotly.io as pio
+
+    pio.renderers.default = "colab" if colab else "plotly_mimetype+notebook_connected"
+
+
+def setup(size: Optional[str] = None, device: str = "auto", threads: Optional[int] = None,
+          verbose: bool = True) -> NotebookContext:
+    """Pick the device and size, configure plotly, and say what was chosen.
+
+    ``threads``: torch CPU threads (default: leave torch's choice; 2-core machines such as Binder
+    run small models best with every core).
+    """
+    from .widgets import resolve_mode
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+    colab = in_colab()
+    chosen = choose_size(dev, size)
+    configure_plotly(colab)
+    ctx = NotebookContext(size=chosen, device=dev, colab=colab, figure_mode=resolve_mode(None))
+    if verbose:
+        print(f"moe_lite: {ctx}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    return ctx
