@@ -1,0 +1,981 @@
+"""One small trainer for every moe_lite model (ViMoE classifiers, DiT-MoE diffusion, adapters).
+
+What :func:`fit` does, in order, at each optimizer step::
+
+    task_loss, logs = task.loss(model, batch)         # the task protocol (below)
+    aux = moe_lite.aux_loss(model)                     # ALWAYS added: weights live on the layers
+    (task_loss + aux).backward(); clip; AdamW step; warm-up + cosine scheduler step
+    moe_lite.update_biases(model)                      # BiasBalanced routers, after the step
+
+and at each evaluation (every epoch by default): ``task.evaluate`` on the eval loader, then
+``moe_lite.routing_stats(model)`` per MoE layer from one extra forward on the *first* eval batch
+(so the statistics always describe a full batch, not a ragged last one), then a checkpoint.
+
+Per-step logs (``History.steps``) hold the task loss, the aux total and every aux part apart
+(``aux/<layer>/<loss>``), the lr and the gradient norm. On a GPU they are copied to the host every
+``sync_every`` steps in one transfer, not one sync per value per step.
+
+Device and precision: :func:`pick_device` (cuda, then mps, then cpu); ``amp="auto"`` is bf16 autocast
+on CUDA (fp16 with a grad scaler on GPUs without bf16), float32 on CPU and MPS.
+
+Reproducibility: ``seed_everything(config.seed)`` at the start; evaluation runs inside a forked,
+fixed-seed RNG so it never changes the training randomness; a checkpoint holds model (all buffers,
+persistent or not: EMA thresholds, balancing biases), optimizer, scheduler, grad scaler, history,
+config and every RNG state, including the train loader's sampling generators and their state at
+the start of the current epoch. Resuming on CPU therefore reproduces uninterrupted training
+bit for bit, even from the middle of an epoch (the loader must give the same batches for the same
+generator state, as :func:`moe_lite.data.make_loader` does).
+
+Divergence: a non-finite loss (task, any aux part, or the total) or, without a grad scaler, a
+non-finite gradient norm stops training with :class:`TrainingDiverged`. It is detected before the
+optimizer step on CPU (on a GPU up to ``sync_every`` steps later), and the checkpoint written at
+the last good evaluation is never overwritten.
+
+Task protocol (any object with these two methods)::
+
+    task.loss(model, batch) -> (loss: scalar Tensor, logs: dict[str, float | scalar Tensor])
+    task.evaluate(model, batches: Iterable) -> dict[str, float]     # "loss" if it has one
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .layers import aux_loss, aux_losses, routing_stats, update_biases
+
+__all__ = [
+    "Task",
+    "ClassificationTask",
+    "TrainConfig",
+    "History",
+    "TrainingDiverged",
+    "fit",
+    "evaluate",
+    "pick_device",
+    "seed_everything",
+    "lr_factor",
+    "build_optimizer",
+    "build_scheduler",
+    "save_checkpoint",
+    "load_checkpoint",
+    "to_device",
+    "atomic_save",
+]
+
+CHECKPOINT_FORMAT = "moe_lite.checkpoint"
+CHECKPOINT_VERSION = 1
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+GPU_SYNC_EVERY = 16  # default host-copy interval of per-step logs off the CPU
+
+Callback = Callable[[str, Dict[str, Any]], Optional[bool]]
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# ================================================================================================
+# Devices, seeds, moving batches
+# ================================================================================================
+
+
+def pick_device(pref: Union[str, torch.device, None] = "auto") -> torch.device:
+    """The device to train on: ``"auto"`` picks cuda, then mps, then cpu.
+
+    Any other value is passed to ``torch.device``; asking for an unavailable cuda or mps is an error
+    (rather than a silent fall-back to a 100x slower CPU run).
+    """
+    if pref is None or pref == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(pref)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={pref!r} but CUDA is not available here; use device='auto'")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError(f"device={pref!r} but MPS is not available here; use device='auto'")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor moved to ``device`` (tensors, tuples, lists, namedtuples, dicts)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype: None (float32) off CUDA or when ``amp="off"``."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"amp={amp!r} needs a CUDA device, got {device}; use amp='auto' or 'off'")
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ================================================================================================
+# Tasks
+# ================================================================================================
+
+
+class Task(Protocol):
+    """What :func:`fit` needs from a task (classification here, diffusion in ``models/dit.py``)."""
+
+    def loss(self, model: nn.Module, batch: Any) -> Tuple[Tensor, Dict[str, Union[float, Tensor]]]:
+        """The task loss (scalar, with grad) and scalars to log for one training batch."""
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> Dict[str, float]:
+        """Metrics over a whole evaluation pass (a ``"loss"`` where there is one). Called under no_grad,
+        in eval mode; a non-finite loss-like metric counts as divergence."""
+
+
+def _image_label(batch: Any) -> Tuple[Tensor, Tensor]:
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(f"ClassificationTask expects (images, labels) batches, got {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else ""))
+
+
+@dataclass
+class ClassificationTask:
+    """Cross-entropy classification: ``model(images) -> logits [B, C]``; batches are ``(x, y)``.
+
+    Args:
+        label_smoothing: for the training loss only (evaluation reports plain cross-entropy).
+        per_class: also report ``accuracy/<c>`` for every class ``c`` in :meth:`evaluate`.
+    """
+
+    label_smoothing: float = 0.0
+    per_class: bool = False
+
+    def loss(self, model: nn.Module, batch: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
+        x, y = _image_label(batch)
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        acc = (logits.detach().argmax(-1) == y).float().mean()
+        return loss, {"acc": acc}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> Dict[str, float]:
+        """``loss`` (mean cross-entropy), ``accuracy`` and, if ``per_class``, ``accuracy/<c>``
+        (NaN for a class with no example)."""
+        loss_sum, correct, count = None, None, None
+        for batch in batches:
+            x, y = _image_label(batch)
+            logits = model(x).float()
+            num_classes = logits.shape[-1]
+            hit = logits.argmax(-1) == y
+            batch_loss = F.cross_entropy(logits, y, reduction="sum")
+            batch_correct = torch.bincount(y[hit], minlength=num_classes)
+            batch_count = torch.bincount(y, minlength=num_classes)
+            if loss_sum is None:
+                loss_sum, correct, count = batch_loss, batch_correct, batch_count
+            else:
+                loss_sum, correct, count = loss_sum + batch_loss, correct + batch_correct, count + batch_count
+        if loss_sum is None:
+            raise ValueError("ClassificationTask.evaluate got no batches")
+        total = count.sum().clamp_min(1)
+        per_class = torch.where(count > 0, correct.float() / count.clamp_min(1), float("nan"))
+        values = torch.cat([(loss_sum / total).reshape(1), (correct.sum() / total).reshape(1).float(),
+                            per_class]).tolist()  # one host copy
+        metrics = {"loss": values[0], "accuracy": values[1]}
+        if self.per_class:
+            metrics.update({f"accuracy/{c}": v for c, v in enumerate(values[2:])})
+        return metrics
+
+
+# ================================================================================================
+# Configuration, schedule, optimizer
+# ================================================================================================
+
+
+@dataclass
+class TrainConfig:
+    """Everything :func:`fit` needs; defaults suit the kit's small models.
+
+    Attributes:
+        epochs: passes over the train loader (ignored when ``max_steps`` is given).
+        max_steps: total optimizer steps; overrides ``epochs`` (the loader is cycled as needed).
+        lr, weight_decay: AdamW; weight decay applies to >= 2-D parameters only (not to biases,
+            norms' scales or other 1-D parameters).
+        warmup_fraction: linear warm-up length as a share of the total steps ...
+        warmup_steps: ... or as a number of steps (overrides ``warmup_fraction``).
+        min_lr_ratio: the cosine decays from ``lr`` to ``lr * min_lr_ratio`` at the last step.
+        grad_clip: max global gradient norm (None: no clipping; the norm is logged either way).
+        batch_size: for callers that build loaders from the config (``fit`` takes loaders as given).
+        amp: ``"auto"`` (bf16 autocast on CUDA when supported, else fp16 with a grad scaler;
+            float32 on CPU and MPS), ``"bf16"``, ``"fp16"`` (CUDA only) or ``"off"``.
+        seed: passed to :func:`seed_everything` at the start of :func:`fit`; also seeds evaluation.
+        device: ``"auto"`` (cuda, mps, cpu) or anything ``torch.device`` takes.
+        eval_every: evaluate (and checkpoint) every this many steps; None: at the end of each
+            epoch. Training always ends with an evaluation.
+        checkpoint: file written at each evaluation (atomically); None: no checkpoints.
+        progress: show a ``tqdm.auto`` bar per epoch.
+        time_budget_s: stop cleanly (final evaluation and checkpoint) once this much wall time
+            has passed, e.g. for CPU "quick" runs; None: no budget.
+        log_routing: add ``routing_stats(model)`` to each evaluation record.
+        sync_every: copy per-step logs to the host (and check for divergence) every this many
+            steps; None: every step on CPU, every 16 steps on GPU.
+    """
+
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    warmup_steps: Optional[int] = None
+    min_lr_ratio: float = 0.1
+    grad_clip: Optional[float] = 1.0
+    batch_size: int = 128
+    amp: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    eval_every: Optional[int] = None
+    checkpoint: Optional[str] = None
+    progress: bool = True
+    time_budget_s: Optional[float] = None
+    log_routing: bool = True
+    sync_every: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint = str(self.checkpoint)
+        checks = [
+            (self.epochs >= 1 or self.max_steps is not None, "epochs must be >= 1"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1 or None"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
+            (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or None"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}"),
+            (self.eval_every is None or self.eval_every >= 1, "eval_every must be >= 1 or None"),
+            (self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s must be > 0"),
+            (self.sync_every is None or self.sync_every >= 1, "sync_every must be >= 1 or None"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """``max_steps`` if given, else ``epochs * steps_per_epoch``."""
+        return self.max_steps if self.max_steps is not None else self.epochs * steps_per_epoch
+
+    def num_warmup_steps(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(round(self.warmup_fraction * total_steps))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain values only (a path set after construction becomes a string)."""
+        return {k: str(v) if isinstance(v, os.PathLike) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """The multiplier of the base lr at 0-based optimizer step ``step``.
+
+    Linear warm-up ``(step + 1) / warmup_steps`` (reaching 1 at the last warm-up step), then a
+    half cosine from 1 down to ``min_lr_ratio`` at step ``total_steps - 1``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on >= 2-D trainable parameters only."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine (:func:`lr_factor`) over ``total_steps``, stepped once per optimizer step."""
+    warmup = config.num_warmup_steps(total_steps)
+    ratio = config.min_lr_ratio
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, ratio))
+
+
+# ================================================================================================
+# History
+# ================================================================================================
+
+
+@dataclass
+class History:
+    """What a run logged.
+
+    Attributes:
+        steps: one dict per optimizer step: ``step`` (1-based), ``epoch`` (0-based), ``lr``,
+            ``loss`` (task + aux), ``task_loss``, ``aux_loss``, ``aux/<layer>/<loss>`` (unweighted),
+            ``grad_norm`` and the task's own logs (e.g. ``acc``).
+        evals: one dict per evaluation: ``step``, ``epoch``, ``wall_time_s``, the task's metrics,
+            and ``routing`` (layer -> statistics) when the model has MoE layers.
+        wall_time_s: training time, summed over resumed runs.
+        stop_reason: ``"completed"``, ``"time_budget"`` or ``"callback"`` (empty while running).
+        device: where it ran.
+    """
+
+    steps: List[Dict[str, Any]] = field(default_factory=list)
+    evals: List[Dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    stop_reason: str = ""
+    device: str = ""
+
+    def final(self) -> Dict[str, Any]:
+        """The last evaluation record ({} if none)."""
+        return dict(self.evals[-1]) if self.evals else {}
+
+    def best(self, metric: str = "loss", mode: str = "min") -> Dict[str, Any]:
+        """The evaluation record with the lowest (``mode="min"``) or highest (``"max"``) ``metric``."""
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        scored = [e for e in self.evals if isinstance(e.get(metric), (int, float)) and math.isfinite(e[metric])]
+        if not scored:
+            raise KeyError(f"no evaluation has a finite {metric!r}; keys: {sorted(self.final())}")
+        pick = min if mode == "min" else max
+        return dict(pick(scored, key=lambda e: e[metric]))
+
+    def series(self, key: str, source: str = "steps") -> Tuple[List[int], List[float]]:
+        """``(steps, values)`` of ``key`` in ``self.steps`` or ``self.evals``, for plotting."""
+        records = {"steps": self.steps, "evals": self.evals}[source]
+        pairs = [(r["step"], r[key]) for r in records if key in r]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: Optional[PathLike] = None) -> str:
+        """The history as JSON text (non-finite floats as ``NaN`` / ``Infinity``); written to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "History":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_json(cls, text_or_path: Union[str, Path]) -> "History":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
+        return cls.from_dict(json.loads(text))
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss (or gradient norm) became NaN or inf. Attributes: ``step``, ``part`` (which value),
+    ``value``, ``checkpoint`` (path of the last good checkpoint or None), ``checkpoint_step``,
+    ``history`` (everything logged up to the divergence)."""
+
+    def __init__(self, message: str, *, step: int, part: str, value: float,
+                 checkpoint: Optional[Path], checkpoint_step: Optional[int], history: History):
+        super().__init__(message)
+        self.step, self.part, self.value = step, part, value
+        self.checkpoint, self.checkpoint_step, self.history = checkpoint, checkpoint_step, history
+
+
+# ================================================================================================
+# RNG state
+# ================================================================================================
+
+
+def _rng_state() -> Dict[str, Any]:
+    """Every global RNG state, in types that ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np.asarray(np_state["key"], dtype=np.uint32), "pos": np_state["pos"]},
+                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"][: torch.cuda.device_count()]
+        for index, cuda_state in enumerate(cuda_states):
+            torch.cuda.set_rng_state(cuda_state, index)
+
+
+def _as_tuple(value: Any) -> Any:
+    """Lists back to tuples, recursively (``random.setstate`` insists on tuples)."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _loader_generators(loader: Any) -> List[torch.Generator]:
+    """The distinct ``torch.Generator`` objects that decide a DataLoader's batch order."""
+    owners = (loader, getattr(loader, "sampler", None),
+              getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+    found: List[torch.Generator] = []
+    for owner in owners:
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+def _sampling_state(loader: Any) -> Dict[str, Any]:
+    """What decides the next epoch's batch order: the global torch RNG and the loader's generators."""
+    return {"torch": torch.get_rng_state(), "loader": [g.get_state() for g in _loader_generators(loader)]}
+
+
+def _set_loader_state(loader: Any, states: Sequence[Tensor]) -> None:
+    generators = _loader_generators(loader)
+    if len(generators) != len(states):
+        warnings.warn(f"the train loader has {len(generators)} random generators but the checkpoint "
+                      f"saved {len(states)}: the resumed batch order will differ", stacklevel=3)
+        return
+    for generator, state in zip(generators, states):
+        generator.set_state(state)
+
+
+# ================================================================================================
+# Checkpoints
+# ================================================================================================
+
+
+def _non_persistent_buffers(model: nn.Module) -> Dict[str, Tensor]:
+    """Buffers that ``state_dict`` leaves out (registered with ``persistent=False``)."""
+    saved = set(model.state_dict().keys())
+    return {name: buf.detach().clone() for name, buf in model.named_buffers() if name not in saved}
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    scheduler: Optional[Any] = None, step: int = 0,
+                    history: Optional[Union[History, Mapping[str, Any]]] = None,
+                    config: Optional[Union[TrainConfig, Mapping[str, Any]]] = None, *,
+                    scaler: Optional[Any] = None, extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write everything needed to resume training, atomically (tmp file + ``os.replace``).
+
+    Holds the model's ``state_dict`` plus its non-persistent buffers (router state such as EMA
+    thresholds and balancing biases survives either way), optimizer, scheduler and grad-scaler
+    states, ``step``, history, config, every global RNG state, and ``extra`` (free-form). A reader
+    never sees a half-written file: a crash leaves the previous checkpoint in place.
+
+    Returns the path written.
+    """
+    path = Path(path)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "step": int(step),
+        "model": model.state_dict(),
+        "buffers": _non_persistent_buffers(model),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "history": history.to_dict() if isinstance(history, History) else history,
+        "config": config.to_dict() if isinstance(config, TrainConfig) else config,
+        "rng": _rng_state(),
+        "extra": dict(extra or {}),
+    }
+    atomic_save(payload, path)
+    return path
+
+
+def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    scheduler: Optional[Any] = None, *, scaler: Optional[Any] = None,
+                    restore_rng: bool = False, strict: bool = True) -> Dict[str, Any]:
+    """Load a :func:`save_checkpoint` file into ``model`` (and optimizer / scheduler / scaler if given).
+
+    Parameters and buffers come back bit for bit, on the model's current device. Global RNG states
+    are restored only with ``restore_rng=True`` (what resuming training needs; merely loading
+    weights into a notebook should not reseed it).
+
+    Returns the whole payload: ``step``, ``history`` (dict), ``config`` (dict), ``rng``, ``extra``...
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a moe_lite checkpoint (written by moe_lite.train.save_checkpoint)")
+    if payload.get("version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(f"{path} has checkpoint version {payload['version']}; this moe_lite reads "
+                         f"up to {CHECKPOINT_VERSION}: upgrade moe_lite")
+    model.load_state_dict(payload["model"], strict=strict)
+    _load_buffers(model, payload.get("buffers") or {}, strict)
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if target is not None:
+            if payload.get(name) is None:
+                raise ValueError(f"{path} holds no {name} state")
+            target.load_state_dict(payload[name])
+    if restore_rng:
+        _set_rng_state(payload["rng"])
+    return payload
+
+
+def _load_buffers(model: nn.Module, buffers: Mapping[str, Tensor], strict: bool) -> None:
+    own = dict(model.named_buffers())
+    for name, value in buffers.items():
+        if name not in own:
+            if strict:
+                raise KeyError(f"checkpoint buffer {name!r} not found in the model")
+            continue
+        with torch.no_grad():
+            own[name].copy_(value)
+
+
+# ================================================================================================
+# Evaluation
+# ================================================================================================
+
+
+def _forked_rng(device: torch.device):
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def _seed_forked(seed: int, device: torch.device) -> None:
+    """Seed only the generators that :func:`_forked_rng` restores afterwards."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
+def evaluate(model: nn.Module, task: Task, loader: Iterable[Any], *, device: Optional[torch.device] = None,
+             amp: str = "off", log_routing: bool = True, seed: int = 0) -> Dict[str, Any]:
+    """``task.evaluate`` over ``loader`` in eval mode, under ``no_grad``, plus routing statistics.
+
+    Runs inside a forked RNG seeded with ``seed``: evaluation is repeatable (e.g. a diffusion task's
+    random timesteps are the same each time) and leaves the training randomness untouched.
+    With ``log_routing``, adds ``routing``: ``routing_stats(model)`` (layer -> statistics) after
+    one forward (``task.loss``) on the first batch of ``loader``; omitted when there are no MoE layers.
+    The model's train/eval mode is restored afterwards.
+    """
+    device = device or next(model.parameters()).device
+    dtype = _amp_dtype(amp, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with _forked_rng(device), torch.no_grad(), _autocast(device, dtype):
+            _seed_forked(seed, device)
+            metrics: Dict[str, Any] = dict(task.evaluate(model, (to_device(b, device) for b in loader)))
+            if log_routing:
+                routing = _first_batch_routing(model, task, loader, device)
+                if routing:
+                    metrics["routing"] = routing
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+def _first_batch_routing(model: nn.Module, task: Task, loader: Iterable[Any],
+                         device: torch.device) -> Dict[str, Dict[str, float]]:
+    first = next(iter(loader), None)
+    if first is None:
+        return {}
+    task.loss(model, to_device(first, device))
+    return routing_stats(model)
+
+
+# ================================================================================================
+# The training loop
+# ================================================================================================
+
+
+class _StepLog:
+    """Per-step scalars kept on the device until :meth:`flush` copies them to the host at once."""
+
+    def __init__(self) -> None:
+        self._pending: List[Tuple[Dict[str, Any], List[str], Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, host: Dict[str, Any], values: Mapping[str, Union[float, Tensor]]) -> None:
+        names, device = list(values), _common_device(values)
+        stacked = torch.stack([torch.as_tensor(values[k]).detach().float().reshape(()).to(device) for k in names])
+        self._pending.append((host, names, stacked))
+
+    def flush(self) -> List[Dict[str, Any]]:
+        if not self._pending:
+            return []
+        flat = torch.cat([p[2] for p in self._pending]).tolist()  # the one device -> host copy
+        records, offset = [], 0
+        for host, names, _ in self._pending:
+            records.append({**host, **dict(zip(names, flat[offset: offset + len(names)]))})
+            offset += len(names)
+        self._pending.clear()
+        return records
+
+
+def _common_device(values: Mapping[str, Union[float, Tensor]]) -> torch.device:
+    for value in values.values():
+        if isinstance(value, Tensor) and value.device.type != "cpu":
+            return value.device
+    return torch.device("cpu")
+
+
+def _non_finite_part(record: Mapping[str, Any], check_grad: bool) -> Optional[str]:
+    """The first non-finite value among the loss parts (most specific first), else None."""
+    parts = ["task_loss"] + sorted(k for k in record if k.startswith("aux/")) + ["aux_loss", "loss"]
+    if check_grad:
+        parts.append("grad_norm")
+    for part in parts:
+        value = record.get(part)
+        if isinstance(value, float) and not math.isfinite(value):
+            return part
+    return None
+
+
+def _non_finite_metric(metrics: Mapping[str, Any]) -> Optional[str]:
+    """The first non-finite loss-like metric (keys containing "loss"; every float metric if none)."""
+    floats = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    checked = [k for k in floats if "loss" in k] or list(floats)
+    return next((k for k in checked if not math.isfinite(floats[k])), None)
+
+
+class _Loop:
+    """The state of one :func:`fit` call, split into small steps."""
+
+    def __init__(self, model: nn.Module, task: Task, train_loader: Iterable[Any],
+                 eval_loader: Optional[Iterable[Any]], config: TrainConfig,
+                 callbacks: Sequence[Callback]) -> None:
+        try:
+            self.steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+        except TypeError as err:
+            raise TypeError("fit needs a train loader with a length (a DataLoader over a map-style "
+                            "dataset)") from err
+        if self.steps_per_epoch < 1:
+            raise ValueError("the train loader is empty")
+        self.model, self.task, self.config = model, task, config
+        self.train_loader, self.eval_loader, self.callbacks = train_loader, eval_loader, list(callbacks)
+        self.device = pick_device(config.device)
+        self.amp_dtype = _amp_dtype(config.amp, self.device)
+        self.sync_every = config.sync_every or (1 if self.device.type == "cpu" else GPU_SYNC_EVERY)
+        self.total_steps = config.total_steps(self.steps_per_epoch)
+        seed_everything(config.seed)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.history = History(device=str(self.device))
+        self.log = _StepLog()
+        self.step, self.last_eval_step, self.stop_reason = 0, -1, ""
+        self.saved: Optional[Tuple[int, int]] = None  # (step, file size) of the last checkpoint
+        self.epoch_start: Optional[Dict[str, Any]] = None
+        self.resume_payload: Optional[Dict[str, Any]] = None
+        self.bar: Optional[Any] = None
+        self.postfix: Dict[str, str] = {}
+        self.t0, self.wall_before = time.perf_counter(), 0.0  # this run's start, earlier runs' time
+
+    # ---- resuming ----------------------------------------------------------------------------
+    def resume(self, path: Path) -> None:
+        payload = load_checkpoint(path, self.model, self.optimizer, self.scheduler, scaler=self.scaler,
+                                  restore_rng=True)
+        self.step = self.last_eval_step = int(payload["step"])
+        self.history = History.from_dict(payload.get("history") or {})
+        self.history.device, self.history.stop_reason = str(self.device), ""
+        _set_loader_state(self.train_loader, payload["extra"].get("loader_rng", []))
+        _warn_config_changes(payload.get("config") or {}, self.config)
+        self.resume_payload = payload
+        if self.config.checkpoint and Path(self.config.checkpoint).resolve() == path.resolve():
+            self.saved = (self.step, path.stat().st_size)
+
+    def _epoch_batches(self, skip: int) -> Iterator[Any]:
+        """An iterator over this epoch's batches, positioned after ``skip`` already-trained ones."""
+        if skip == 0:
+            self.epoch_start = _sampling_state(self.train_loader)
+            return iter(self.train_loader)
+        payload = self.resume_payload
+        if payload is None or "epoch_start_rng" not in payload["extra"]:
+            raise RuntimeError("cannot resume mid-epoch without the epoch's sampling state")
+        self.epoch_start = payload["extra"]["epoch_start_rng"]
+        torch.set_rng_state(self.epoch_start["torch"])  # replay this epoch's batch order ...
+        _set_loader_state(self.train_loader, self.epoch_start["loader"])
+        batches = iter(self.train_loader)
+        for _ in range(skip):
+            next(batches)
+        _set_rng_state(payload["rng"])  # ... then continue from the saved randomness
+        _set_loader_state(self.train_loader, payload["extra"]["loader_rng"])
+        return batches
+
+    # ---- running -----------------------------------------------------------------------------
+    def run(self) -> History:
+        self.model.train()
+        self.t0, self.wall_before = time.perf_counter(), self.history.wall_time_s
+        try:
+            while self.step < self.total_steps and not self.stop_reason:
+                self._run_epoch()
+            if self.last_eval_step != self.step:
+                self._evaluate_and_save()
+            self.history.stop_reason = self.stop_reason or "completed"
+        finally:
+            self.history.wall_time_s = self._wall_time()
+        self._call("end", {"history": self.history})
+        return self.history
+
+    def _run_epoch(self) -> None:
+        epoch = self.step // self.steps_per_epoch
+        skip = self.step - epoch * self.steps_per_epoch
+        batches = self._epoch_batches(skip)
+        num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        end = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+        self.bar = tqdm(total=end, initial=skip, desc=f"epoch {epoch + 1}/{num_epochs}",
+                        disable=not self.config.progress, dynamic_ncols=True)
+        try:
+            # zip asks the range first, so the loader is never asked for a batch past the epoch's last
+            # step (that request would make a shuffling sampler draw again, after any checkpoint)
+            for _, batch in zip(range(skip, end), batches):
+                self._train_step(batch, epoch)
+                self.bar.update(1)
+                self._after_step(epoch)
+                if self.stop_reason:
+                    break
+        finally:
+            self.bar.close()
+            self.bar = None
+
+    def _train_step(self, batch: Any, epoch: int) -> None:
+        batch = to_device(batch, self.device)
+        with _autocast(self.device, self.amp_dtype):
+            task_loss, logs = self.task.loss(self.model, batch)
+        aux = aux_loss(self.model)
+        parts = aux_losses(self.model)
+        loss = task_loss.float() + aux.float()
+        self.optimizer.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        values = {"loss": loss, "task_loss": task_loss, "aux_loss": aux,
+                  **{f"aux/{k}": v for k, v in parts.items()}, "grad_norm": grad_norm, **logs}
+        host = {"step": self.step + 1, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0]}
+        self.log.add(host, values)
+        if len(self.log) >= self.sync_every:
+            self._flush()  # on CPU: before the optimizer step, so a diverged step is never applied
+        self._optimizer_step()
+        update_biases(self.model)
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+
+    def _after_step(self, epoch: int) -> None:
+        every = self.config.eval_every or self.steps_per_epoch
+        if self.step % every == 0:
+            self._evaluate_and_save()
+        if self._call("step", {"step": self.step, "epoch": epoch}):
+            self.stop_reason = "callback"
+        budget = self.config.time_budget_s
+        if budget is not None and time.perf_counter() - self.t0 >= budget and not self.stop_reason:
+            self.stop_reason = "time_budget"
+
+    def _flush(self) -> None:
+        records = self.log.flush()
+        for record in records:
+            part = _non_finite_part(record, check_grad=self.scaler is None)
+            if part is not None:
+                self.history.steps.extend(r for r in records if r["step"] < record["step"])
+                raise self._diverged(record["step"], part, record[part], record)
+        self.history.steps.extend(records)
+        if records and self.bar is not None:
+            last = records[-1]
+            self._postfix(loss=last["task_loss"], acc=last.get("acc"))
+
+    def _postfix(self, **values: Optional[float]) -> None:
+        self.postfix.update({k: f"{v:.4g}" for k, v in values.items() if v is not None})
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix, refresh=False)
+
+    def _wall_time(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t0
+
+    # ---- evaluation and checkpoints --------------------------------------------------------
+    def _evaluate_and_save(self) -> None:
+        self._flush()
+        epoch = max(0, self.step - 1) // self.steps_per_epoch
+        record: Dict[str, Any] = {"step": self.step, "epoch": epoch, "wall_time_s": self._wall_time()}
+        if self.eval_loader is not None:
+            metrics = evaluate(self.model, self.task, self.eval_loader, device=self.device,
+                               amp=self.config.amp, log_routing=self.config.log_routing, seed=self.config.seed)
+            bad = _non_finite_metric(metrics)
+            if bad is not None:
+                raise self._diverged(self.step, f"eval {bad}", metrics[bad], metrics, during_eval=True)
+            record.update(metrics)
+        self.history.evals.append(record)
+        self.last_eval_step = self.step
+        if self.config.checkpoint:
+            self._save(Path(self.config.checkpoint))
+        self._postfix(val_loss=record.get("loss"), val_acc=record.get("accuracy"))
+        if self._call("eval", record):
+            self.stop_reason = "callback"
+
+    def _save(self, path: Path) -> None:
+        self.history.wall_time_s = self._wall_time()
+        extra = {"loader_rng": [g.get_state() for g in _loader_generators(self.train_loader)],
+                 "epoch_start_rng": self.epoch_start}
+        save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.step, self.history,
+                        self.config, scaler=self.scaler, extra=extra)
+        self.saved = (self.step, path.stat().st_size)
+
+    def _diverged(self, step: int, part: str, value: float, record: Mapping[str, Any],
+                  during_eval: bool = False) -> TrainingDiverged:
+        losses = ", ".join(f"{k}={record[k]:.4g}" for k in ("task_loss", "aux_loss", "loss")
+                           if isinstance(record.get(k), float) and k != part)
+        if during_eval:
+            where = "in the evaluation after it, so it was not checkpointed"
+        elif self.sync_every == 1:
+            where = "before its optimizer step"
+        else:
+            where = f"(checked every {self.sync_every} steps, so later steps may have run)"
+        message = (f"training diverged at step {step}: {part} is {value} ({losses}); stopped {where}. "
+                   f"{self._checkpoint_note()} Try a lower lr, a smaller grad_clip, or amp='off'.")
+        if self.bar is not None:
+            self.bar.close()
+        return TrainingDiverged(message, step=step, part=part, value=value,
+                                checkpoint=Path(self.config.checkpoint) if self.saved else None,
+                                checkpoint_step=self.saved[0] if self.saved else None, history=self.history)
+
+    def _checkpoint_note(self) -> str:
+        if not self.config.checkpoint:
+            return "No checkpoint was configured (TrainConfig.checkpoint)."
+        path = Path(self.config.checkpoint)
+        if self.saved is None:
+            return f"No checkpoint had been written to {path} yet."
+        step, size = self.saved
+        if not path.is_file() or path.stat().st_size != size:
+            return f"WARNING: the checkpoint of step {step} at {path} was changed or removed by something else."
+        return f"The last good checkpoint (step {step}) is intact at {path}."
+
+    def _call(self, event: str, info: Dict[str, Any]) -> bool:
+        """Run every callback; True when one of them asks to stop."""
+        stop = False
+        for callback in self.callbacks:
+            stop = bool(callback(event, {**info, "model": self.model, "history": self.history})) or stop
+        return stop
+
+
+RESUME_FREE_FIELDS = ("progress", "checkpoint", "time_budget_s", "device", "sync_every")  # may differ on resume
+
+
+def _warn_config_changes(saved: Mapping[str, Any], config: TrainConfig) -> None:
+    """Warn when a resumed run changes a setting that shapes training (schedule, optimiser, data)."""
+    current = config.to_dict()
+    changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in current
+               if k in saved and k not in RESUME_FREE_FIELDS and saved[k] != current[k]]
+    if changed:
+        warnings.warn("resuming with a different config, so training will not continue as it would "
+                      "have: " + "; ".join(changed), stacklevel=4)
+
+
+def _resume_path(resume: Union[bool, PathLike], config: TrainConfig) -> Path:
+    if resume is True:
+        if not config.checkpoint:
+            raise ValueError("resume=True needs TrainConfig.checkpoint (or pass the checkpoint path)")
+        return Path(config.checkpoint)
+    return Path(resume)  # type: ignore[arg-type]
+
+
+def fit(model: nn.Module, task: Task, train_loader: Iterable[Any], eval_loader: Optional[Iterable[Any]] = None,
+        config: Optional[TrainConfig] = None, callbacks: Optional[Sequence[Callback]] = None, *,
+        resume: Union[bool, PathLike, None] = None) -> History:
+    """Train ``model`` on ``task`` (see the module docstring for what each step does).
+
+    Args:
+        model: any ``nn.Module``; moved to the config's device. MoE layers' aux losses are always
+            added to the task loss (their weights are set on the layers).
+        task: a :class:`Task` (e.g. :class:`ClassificationTask`, ``models.dit.DiffusionTask``).
+        train_loader: a re-iterable loader with a length; its batches go through :func:`to_device`.
+        eval_loader: evaluated every epoch (or every ``eval_every`` steps) and at the end; None: the
+            evaluation records and checkpoints are still made, without metrics.
+        config: a :class:`TrainConfig` (defaults if None).
+        callbacks: callables ``cb(event, info)`` with ``event`` in ``"step"`` (after each optimizer
+            step), ``"eval"`` (info is the record) and ``"end"``; ``info`` also holds ``model`` and
+            ``history``. Returning True stops training cleanly (final evaluation and checkpoint).
+        resume: a checkpoint path (or True: ``config.checkpoint``) to continue from, with its
+            optimizer, scheduler, RNG and data position; the config should match the first run's.
+
+    Returns:
+        The :class:`History`.
+
+    Raises:
+        TrainingDiverged: a loss became NaN/inf; the last good checkpoint is left intact.
+    """
+    config = config if config is not None else TrainConfig()
+    loop = _Loop(model, task, train_loader, eval_loader, config, callbacks or ())
+    if resume is not None and resume is not False:
+        loop.resume(_resume_path(resume, config))
+    return loop.run()
