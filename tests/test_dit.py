@@ -27,14 +27,6 @@ from moe_lite.models.dit import (
 RACE_FAMILY = ["race", "bl", "be", "le"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads
-    that wait for each other make every step ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(moe_routing: str = "none", **kw) -> DiTConfig:

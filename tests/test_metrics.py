@@ -18,14 +18,6 @@ from moe_lite.metrics import (
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine two
-    threads competing with other processes made these tests 10-20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_accuracy():

@@ -35,13 +35,6 @@ SEEDS = (0, 1, 2)
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine's cores are shared: OpenMP spinning makes tiny ops far slower with >1 thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ---- local helpers ----------------------------------------------------------------------------

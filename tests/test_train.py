@@ -31,14 +31,6 @@ from moe_lite.train import (
 NUM_CLASSES = 4
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine two
-    threads competing with other processes made these tests 10-20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyMoEClassifier(nn.Module):
