@@ -33,7 +33,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 __all__ = [
     "CLASS_NAMES",
     "MEAN",
+    "random_shift_flip",
     "STD",
     "DataError",
     "FashionMNIST",
@@ -562,6 +563,33 @@ def to_tensors(ds: FashionMNIST, normalize: bool = True) -> tuple[Tensor, Tensor
     if normalize:
         x = x.sub_(MEAN).div_(STD)
     return x, ds.labels.clone()
+
+
+def random_shift_flip(x: Tensor, shift: int = 2, flip: bool = True,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+    """Batch augmentation on normalised images ``x [B, C, H, W]``: each image is translated by up to
+    ``shift`` pixels in each direction (the uncovered border is background, i.e. a 0 pixel) and,
+    if ``flip``, mirrored left-right with probability 1/2 (every Fashion-MNIST class survives a
+    mirror). Runs on ``x``'s device, vectorised over the batch; draws from ``generator`` or the
+    global RNG, so training stays reproducible under a seed."""
+    if x.dim() != 4:
+        raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    b, c, h, w = x.shape
+    out = x
+    if shift:
+        background = (0.0 - MEAN) / STD
+        padded = torch.nn.functional.pad(x, (shift, shift, shift, shift), value=background)
+        offsets = torch.randint(0, 2 * shift + 1, (2, b), generator=generator, device="cpu").to(x.device)
+        rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # [B, H]
+        cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # [B, W]
+        batch = torch.arange(b, device=x.device)[:, None, None]
+        out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if flip:
+        mirror = (torch.rand(b, generator=generator, device="cpu") < 0.5).to(x.device)
+        out = torch.where(mirror[:, None, None, None], out.flip(-1), out)
+    return out.contiguous()
 
 
 def denormalize(x: Tensor) -> Tensor:

@@ -23,14 +23,6 @@ D, H, DEPTH, L, C = 8, 16, 2, 16, 3
 HEAD = D * C + C  # the new head: 27
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP barriers stall badly (~100x) when
-    the 2 cores are shared with other processes; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def pretrained(seed: int = 0) -> ViT:

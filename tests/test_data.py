@@ -452,3 +452,57 @@ def test_download_root_is_the_checkout_or_the_cache(tmp_path, monkeypatch):
     assert D._download_root() == REPO / "data"  # this checkout (data/make_subset.py exists)
     monkeypatch.setattr(D, "repo_data_dir", lambda: tmp_path / "site-packages" / "data")
     assert D._download_root() == tmp_path / "cache" / "moe_lite"
+
+
+# ---- augmentation -----------------------------------------------------------------------------
+def test_random_shift_flip_is_a_translated_or_mirrored_copy():
+    from moe_lite.data import MEAN, STD, random_shift_flip
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 6, 6)
+    gen = torch.Generator().manual_seed(3)
+    out = random_shift_flip(x, shift=1, flip=True, generator=gen)
+    assert out.shape == x.shape
+    background = (0.0 - MEAN) / STD
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=background)
+    for i in range(64):
+        candidates = [padded[i, :, dy:dy + 6, dx:dx + 6] for dy in range(3) for dx in range(3)]
+        candidates += [c.flip(-1) for c in candidates]
+        assert any(torch.equal(out[i], c) for c in candidates), i
+    # every offset and both mirror states occur over a batch of 64
+    assert not torch.equal(out, x)
+
+
+def test_random_shift_flip_identity_and_determinism():
+    from moe_lite.data import random_shift_flip
+
+    x = torch.randn(8, 1, 5, 5)
+    assert torch.equal(random_shift_flip(x, shift=0, flip=False), x)
+    a = random_shift_flip(x, generator=torch.Generator().manual_seed(1))
+    b = random_shift_flip(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError):
+        random_shift_flip(x[0])
+    with pytest.raises(ValueError):
+        random_shift_flip(x, shift=-1)
+
+
+def test_classification_task_augments_only_in_training():
+    from moe_lite.train import ClassificationTask
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, images):
+            seen.append(images.clone())
+            return torch.zeros(images.shape[0], 10)
+
+    x, y = torch.randn(16, 1, 28, 28), torch.zeros(16, dtype=torch.long)
+    model = Spy()
+    task = ClassificationTask(augment=True)
+    torch.manual_seed(0)
+    task.loss(model.train(), (x, y))
+    task.loss(model.eval(), (x, y))
+    assert not torch.equal(seen[0], x) and torch.equal(seen[1], x)
+    task.evaluate(model.train(), [(x, y)])
+    assert torch.equal(seen[2], x)

@@ -27,14 +27,6 @@ from moe_lite.routers import ROUTERS, Race, TopK, TopP
 B = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP barriers stall badly (~100x) when
-    the 2 cores are shared with other processes; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(**kw) -> ViTConfig:

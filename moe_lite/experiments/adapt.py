@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+import torch
+
 from ..models.adapters import adapt, adapter_cost, split_classes
 from ..models.vit import ViT, ViTConfig
 from .. import viz
@@ -85,7 +87,12 @@ def run_adapt(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
                                           experiment="adapt", key=(kwargs, rank, num_experts, pretrain_key))
                 accs.append(record.metrics["accuracy"])
                 if cost is None:
-                    cost = adapter_cost(record.model)  # routing of its last (eval) forward
+                    # one eval forward on the first test batch, so a model loaded from the checkpoint
+                    # cache has a routing too and fresh and cached runs report the same FLOPs
+                    record.model.eval()
+                    with torch.no_grad():
+                        record.model(ada_test.x[:512].to(ctx.device))
+                    cost = adapter_cost(record.model)  # routing of that eval forward
                     result.models[method] = record.model
             acc = mean_std(accs)
             result.metrics[method] = {"accuracy": acc, **cost}

@@ -20,7 +20,8 @@ class ClassifySize:
 
     ``n_per_class`` / ``test_per_class``: stratified images per class (None = the whole split);
     ``epochs``, ``batch_size``, ``lr``; ``time_budget_s``: a wall-time cap (CPU quick runs);
-    ``model``: ViTConfig field overrides (e.g. a tinier model for smoke).
+    ``model``: ViTConfig field overrides (e.g. a tinier model for smoke); ``augment``: random
+    shifts and mirrors in training (:class:`moe_lite.train.ClassificationTask`).
     """
 
     n_per_class: Optional[int]
@@ -30,6 +31,7 @@ class ClassifySize:
     lr: float = 2e-3
     time_budget_s: Optional[float] = None
     model: Dict[str, Any] = field(default_factory=dict)
+    augment: bool = True
 
 
 def loaders(train: Dataset, test: Dataset, batch_size: int, seed: int):
@@ -96,8 +98,9 @@ def train_classifier(name: str, model: nn.Module, ctx: RunContext, size: Classif
                          progress=ctx.progress, time_budget_s=size.time_budget_s)
     if ctx.progress:
         print(f"[{name}] seed {seed}: {sum(p.numel() for p in model.parameters()):,} parameters")
-    history = cached_fit(experiment, name, model, ClassificationTask(), train_loader, test_loader, config, ctx,
-                         key=(seed, *key), callbacks=callbacks)
+    task = ClassificationTask(augment=size.augment)
+    history = cached_fit(experiment, name, model, task, train_loader, test_loader, config, ctx,
+                         key=(seed, task, *key), callbacks=callbacks)
     final = history.evals[-1]
     metrics = {
         "accuracy": final.get("accuracy"),

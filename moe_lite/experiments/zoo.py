@@ -68,6 +68,8 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
                                       "size": dataclasses.asdict(spec)},
                               notes=[description])
     base = backbone(ctx.size)
+    # record the balance statistics often enough for a curve (a smoke run has only 3 steps)
+    every = max(1, min(5, spec.epochs * -(-len(train) // spec.batch_size) // 10))
     with Timer() as timer:
         rows, curves = [], {}
         for entry in chosen:
@@ -75,9 +77,9 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
             config = dataclasses.replace(base, router=router, router_kwargs=kwargs, moe_losses=losses)
             accs, stats_runs = [], []
             for seed in ctx.seeds:
-                tracker = StepStats(every=5)
+                tracker = StepStats(every=every)
                 record = train_classifier(entry, ViT(config), ctx, spec, seed, train, test, callbacks=[tracker],
-                                          experiment=name)
+                                          experiment=name, key=(f"stats every {every}",))
                 accs.append(record.metrics["accuracy"])
                 stats_runs.append(record.metrics.get("routing") or {})
                 if seed == ctx.seeds[0]:
