@@ -41,3 +41,21 @@ def test_binder_builds_cpu_torch_with_the_dataset():
     assert "whl/cpu" in req and "torchvision" in req and "-e ." in req
     assert "dataset-fashion-mnist" in (ROOT / "binder" / "apt.txt").read_text().split()
     assert re.match(r"python-3\.(1[0-3])\s*$", (ROOT / "binder" / "runtime.txt").read_text())
+
+
+def test_readme_python_examples_run():
+    blocks = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks, "README.md should show the core in a runnable example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+
+
+def test_cli_lists_every_experiment(capsys):
+    from moe_lite.__main__ import main
+    from moe_lite.experiments import EXPERIMENTS
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in EXPERIMENTS:
+        assert name in out
+    assert main(["run", "no-such-experiment"]) == 2
