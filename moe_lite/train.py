@@ -257,8 +257,11 @@ class TrainConfig:
             epoch. Training always ends with an evaluation.
         checkpoint: file written at each evaluation (atomically); None: no checkpoints.
         progress: show a ``tqdm.auto`` bar per epoch.
-        time_budget_s: stop cleanly (final evaluation and checkpoint) once this much wall time
-            has passed, e.g. for CPU "quick" runs; None: no budget.
+        time_budget_s: a wall-time budget, e.g. for CPU "quick" runs on machines of unknown speed.
+            After a few steps the step time is measured and, if the planned steps would not fit,
+            the plan shrinks so that warm-up + cosine *completes* within about 90% of the budget
+            (a run cut off mid-schedule would stop at a high learning rate). Training also stops
+            cleanly (final evaluation and checkpoint) if the budget runs out anyway. None: no budget.
         log_routing: add ``routing_stats(model)`` to each evaluation record.
         sync_every: copy per-step logs to the host (and check for divergence) every this many
             steps; None: every step on CPU, every 16 steps on GPU.
@@ -344,12 +347,23 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
+class CosineSchedule:
+    """The lr multiplier of :func:`lr_factor` as a callable object, so the planned ``total_steps``
+    can shrink during training (a time budget) and is saved with the scheduler's state."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> None:
+        self.total_steps, self.warmup_steps, self.min_lr_ratio = total_steps, warmup_steps, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.total_steps, self.warmup_steps, self.min_lr_ratio)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up + cosine (:func:`lr_factor`) over ``total_steps``, stepped once per optimizer step."""
-    warmup = config.num_warmup_steps(total_steps)
-    ratio = config.min_lr_ratio
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, ratio))
+    """Warm-up + cosine (:func:`lr_factor`) over ``total_steps``, stepped once per optimizer step;
+    its :class:`CosineSchedule` is ``scheduler.lr_lambdas[0]``."""
+    schedule = CosineSchedule(total_steps, config.num_warmup_steps(total_steps), config.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 # ================================================================================================
@@ -370,6 +384,7 @@ class History:
         wall_time_s: training time, summed over resumed runs.
         stop_reason: ``"completed"``, ``"time_budget"`` or ``"callback"`` (empty while running).
         device: where it ran.
+        planned_steps: the step count a time budget shrank the plan to (None: not shrunk).
     """
 
     steps: List[Dict[str, Any]] = field(default_factory=list)
@@ -377,6 +392,7 @@ class History:
     wall_time_s: float = 0.0
     stop_reason: str = ""
     device: str = ""
+    planned_steps: Optional[int] = None  # set when a time budget shrank the plan
 
     def final(self) -> Dict[str, Any]:
         """The last evaluation record ({} if none)."""
@@ -780,6 +796,9 @@ class _Loop:
     def run(self) -> History:
         self.model.train()
         self.t0, self.wall_before = time.perf_counter(), self.history.wall_time_s
+        self.run_start_step = self.step
+        # measure the step time early (but past the first, slower steps) to fit a time budget
+        self.budget_probe_step = self.step + min(max(10, self.total_steps // 20), 50)
         try:
             while self.step < self.total_steps and not self.stop_reason:
                 self._run_epoch()
@@ -806,7 +825,7 @@ class _Loop:
                 self._train_step(batch, epoch)
                 self.bar.update(1)
                 self._after_step(epoch)
-                if self.stop_reason:
+                if self.stop_reason or self.step >= self.total_steps:
                     break
         finally:
             self.bar.close()
@@ -850,8 +869,20 @@ class _Loop:
         if self._call("step", {"step": self.step, "epoch": epoch}):
             self.stop_reason = "callback"
         budget = self.config.time_budget_s
+        if budget is not None and self.step == self.budget_probe_step:
+            self._fit_plan_to_budget(budget)
         if budget is not None and time.perf_counter() - self.t0 >= budget and not self.stop_reason:
             self.stop_reason = "time_budget"
+
+    def _fit_plan_to_budget(self, budget: float) -> None:
+        """Shrink the planned steps (and the cosine with them) to what the budget affords."""
+        steps_done = self.step - self.run_start_step
+        seconds_per_step = (time.perf_counter() - self.t0) / max(steps_done, 1)
+        affordable = int(0.9 * budget / max(seconds_per_step, 1e-9))
+        if affordable < self.total_steps:
+            self.total_steps = max(self.step + 1, affordable)
+            self.scheduler.lr_lambdas[0].total_steps = self.total_steps
+            self.history.planned_steps = self.total_steps
 
     def _flush(self) -> None:
         records = self.log.flush()

@@ -384,3 +384,39 @@ def test_deferred_checks_still_protect_the_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"step 6: task_loss is nan.*checked every 4 steps") as info:
         fit(new_model(0), NaNAfter(at=6), train, test, config(eval_every=3, sync_every=4, checkpoint=path))
     assert info.value.checkpoint_step == 3 and load_checkpoint(path, new_model(1))["step"] == 3
+
+
+def test_time_budget_shrinks_the_plan_so_the_cosine_completes(monkeypatch):
+    """A run that cannot afford its planned steps ends its cosine inside the budget (low final lr)."""
+    import moe_lite.train as train_mod
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: clock["t"])
+
+    class Tick(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            clock["t"] += 1.0  # every forward costs one "second"
+            return x @ self.w[:, None].expand(3, 2)
+
+    x, y = torch.randn(400, 3), torch.randint(0, 2, (400,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    config = TrainConfig(epochs=2, lr=1e-2, time_budget_s=100.0, progress=False, log_routing=False,
+                         min_lr_ratio=0.0)
+    history = fit(Tick(), ClassificationTask(), loader, None, config)
+    # 200 planned steps at ~1 s each cannot fit in 100 s: the plan shrinks to ~90 steps
+    assert history.planned_steps is not None and 80 <= history.planned_steps <= 92
+    assert history.steps[-1]["step"] == history.planned_steps
+    assert history.steps[-1]["lr"] < 0.05 * 1e-2  # the cosine reached its end
+    assert history.stop_reason == "completed"
+
+
+def test_without_a_budget_the_plan_is_kept():
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    history = fit(torch.nn.Linear(3, 2), ClassificationTask(), loader, None,
+                  TrainConfig(epochs=2, progress=False, log_routing=False))
+    assert history.planned_steps is None and history.steps[-1]["step"] == 20

@@ -15,7 +15,7 @@ from .core import ExperimentResult, RunContext, Timer, mean_std
 SIZES: Dict[str, ClassifySize] = {
     "smoke": ClassifySize(n_per_class=24, test_per_class=10, epochs=1, batch_size=60,
                           model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
-    "quick": ClassifySize(n_per_class=None, test_per_class=None, epochs=8, batch_size=128, lr=3e-3,
+    "quick": ClassifySize(n_per_class=None, test_per_class=None, epochs=15, batch_size=128, lr=3e-3,
                           time_budget_s=150),
     "full": ClassifySize(n_per_class=None, test_per_class=None, epochs=40, batch_size=256, lr=1e-3,
                          model={"dim": 192, "depth": 6, "heads": 6, "mlp_hidden": 384, "dropout": 0.1}),
