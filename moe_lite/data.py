@@ -2,7 +2,9 @@
 
 Sources, tried in this order (the first one that exists wins):
 
-1. **path**: ``root=`` or the environment variable ``MOE_LITE_DATA``. A folder of IDX files
+1. **path**: ``root=`` or the environment variable ``MOE_LITE_DATA`` (the value ``embedded`` forces
+   the embedded subset instead, e.g. ``MOE_LITE_DATA=embedded jupyter lab`` to match
+   ``python -m moe_lite run ... --data embedded``). A folder of IDX files
    (gzipped or raw, directly or in torchvision's ``<root>/FashionMNIST/raw/``) or a subset
    ``.npz``. A named path that is missing or lacks the files is an error, never skipped.
 2. **local copy**: a full copy on this machine: torchvision's layout under the repository's
@@ -431,6 +433,8 @@ def _resolve(root: str | Path | None, source: str, download: bool | None) -> _Fo
         return _embedded()
     if root is not None:
         return _explicit(root, "root argument")
+    if os.environ.get(ENV_PATH, "").strip().lower() == "embedded":
+        return _embedded(note=f"{ENV_PATH}=embedded")  # force the committed subset, e.g. for a notebook server
     if os.environ.get(ENV_PATH):
         return _explicit(os.environ[ENV_PATH], f"environment variable {ENV_PATH}")
     for name, folder in _local_candidates():

@@ -506,3 +506,9 @@ def test_classification_task_augments_only_in_training():
     assert not torch.equal(seen[0], x) and torch.equal(seen[1], x)
     task.evaluate(model.train(), [(x, y)])
     assert torch.equal(seen[2], x)
+
+
+def test_env_value_embedded_forces_the_subset(monkeypatch):
+    monkeypatch.setenv("MOE_LITE_DATA", "embedded")
+    train, test = D.load_splits(verbose=False)
+    assert train.source == test.source == "embedded subset" and len(train) == 10_000

@@ -94,7 +94,11 @@ class RunContext:
         of everything that defines the run (configs, size, seed, data), so a change retrains."""
         if self.cache_dir is None:
             return None
-        key = repr((self.size, self.data, str(self.device.type)) + tuple(repr(p) for p in key_parts))
+        train, test = self.splits()
+        # the data actually used (not the option that chose it), so a CLI run with --data embedded
+        # and a notebook under MOE_LITE_DATA=embedded share their checkpoints
+        data = (train.source, len(train), len(test))
+        key = repr((self.size, data, str(self.device.type)) + tuple(repr(p) for p in key_parts))
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
         return self.cache_dir / experiment / f"{slug}-{digest}.pt"
