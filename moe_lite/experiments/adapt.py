@@ -10,7 +10,7 @@ import torch
 from ..models.adapters import adapt, adapter_cost, split_classes
 from ..models.vit import ViT, ViTConfig
 from .. import viz
-from .common import ClassifySize, train_classifier
+from .common import ClassifySize, seeded_build, train_classifier
 from .core import Dataset, ExperimentResult, RunContext, Timer, mean_std
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
@@ -68,7 +68,8 @@ def run_adapt(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
                                       "num_experts": num_experts, "seeds": ctx.seeds,
                                       "pretrain_images": len(pre_train), "adapt_images": len(ada_train)})
     with Timer() as timer:
-        base = train_classifier("pretrain (classes 0-4)", ViT(config), ctx, pre_spec, ctx.seeds[0],
+        pretrained = seeded_build(ctx.seeds[0], lambda: ViT(config))
+        base = train_classifier("pretrain (classes 0-4)", pretrained, ctx, pre_spec, ctx.seeds[0],
                                 pre_train, pre_test, experiment="adapt")
         result.metrics["pretrain_accuracy"] = base.metrics["accuracy"]
         # the adapted runs' cache keys must change when the pretrained weights do
@@ -79,8 +80,8 @@ def run_adapt(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
             kwargs = dict(METHODS[method])
             accs, cost = [], None
             for seed in ctx.seeds:
-                adapted = adapt(base.model, num_classes=len(ADAPT_CLASSES), rank=rank, num_experts=num_experts,
-                                **kwargs)
+                adapted = seeded_build(seed, lambda: adapt(base.model, num_classes=len(ADAPT_CLASSES), rank=rank,
+                                                           num_experts=num_experts, **kwargs))
                 # full fine-tuning wants a smaller step than the adapters
                 lr = ada_spec.lr * (0.3 if kwargs["method"] == "full" else 1.0)
                 record = train_classifier(method, adapted, ctx, ada_spec, seed, ada_train, ada_test, lr=lr,

@@ -34,6 +34,14 @@ class ClassifySize:
     augment: bool = True
 
 
+def seeded_build(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
+    """``factory()`` with the global RNG seeded by ``seed`` (and restored afterwards), so a model's
+    initial weights depend on its seed alone, not on whatever ran before it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
 def loaders(train: Dataset, test: Dataset, batch_size: int, seed: int):
     """Shuffled train loader and ordered test loader over in-memory tensors (num_workers=0)."""
     from ..data import make_loader

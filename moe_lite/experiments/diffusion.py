@@ -18,7 +18,7 @@ from ..models.dit import DiT, DiTConfig, track_experts
 from ..models.diffusion import DiffusionTask, sample, to_unit_range
 from ..train import TrainConfig
 from .. import viz
-from .common import StepStats, cached_fit, loaders
+from .common import StepStats, cached_fit, loaders, seeded_build
 from .core import ExperimentResult, RunContext, Timer, mean_std
 
 
@@ -127,7 +127,7 @@ def run_dit(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None
             config = variant_config(name, ctx.size)
             per_seed = []
             for seed in ctx.seeds:
-                model = DiT(config)
+                model = seeded_build(seed, lambda: DiT(config))
                 tracker = StepStats(every=10)
                 train_loader, test_loader = loaders(train, test_all.take(20, seed=1), spec.batch_size, seed)
                 history = cached_fit("dit", name, model, DiffusionTask(), train_loader, test_loader,

@@ -9,7 +9,7 @@ import torch
 from ..data import CLASS_NAMES
 from ..models.vit import ViT, ViTConfig, dynamic_config, experts_per_sample, set_threshold, top2_config
 from .. import viz
-from .common import ClassifySize, predict, routing_table, train_classifier
+from .common import ClassifySize, predict, routing_table, seeded_build, train_classifier
 from .core import Dataset, ExperimentResult, RunContext, Timer, mean_std
 from .vimoe import SIZES as VIT_SIZES
 
@@ -78,7 +78,7 @@ def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = 
         for name, config in configs.items():
             accs, experts, profiles = [], [], []
             for seed in ctx.seeds:
-                record = train_classifier(name, ViT(config), ctx, spec, seed, train, test,
+                record = train_classifier(name, seeded_build(seed, lambda: ViT(config)), ctx, spec, seed, train, test,
                                           experiment="dynamic")
                 profile = expert_profile(record.model, test, ctx.device)
                 accs.append(record.metrics["accuracy"])

@@ -9,7 +9,7 @@ import torch
 from ..data import CLASS_NAMES, denormalize
 from ..models.vit import ViT, ViTConfig, count_parameters, dense_equivalent, patch_experts, vimoe_config
 from .. import viz
-from .common import ClassifySize, routing_by_class, routing_table, train_classifier
+from .common import ClassifySize, routing_by_class, routing_table, seeded_build, train_classifier
 from .core import ExperimentResult, RunContext, Timer, mean_std
 
 SIZES: Dict[str, ClassifySize] = {
@@ -72,8 +72,8 @@ def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
             config = vimoe_variant(variant, base)
             accs, runs = [], []
             for seed in ctx.seeds:
-                record = train_classifier(variant, ViT(config), ctx, spec, seed, train, test,
-                                          experiment="vimoe")
+                model = seeded_build(seed, lambda: ViT(config))
+                record = train_classifier(variant, model, ctx, spec, seed, train, test, experiment="vimoe")
                 accs.append(record.metrics["accuracy"])
                 runs.append(record)
             params = count_parameters(runs[0].model)

@@ -6,7 +6,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..models.vit import ViT, ViTConfig
 from .. import viz
-from .common import ClassifySize, StepStats, train_classifier
+from .common import ClassifySize, StepStats, seeded_build, train_classifier
 from .core import ExperimentResult, RunContext, Timer, mean_std
 
 SIZES: Dict[str, ClassifySize] = {
@@ -78,7 +78,8 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
             accs, stats_runs = [], []
             for seed in ctx.seeds:
                 tracker = StepStats(every=every)
-                record = train_classifier(entry, ViT(config), ctx, spec, seed, train, test, callbacks=[tracker],
+                model = seeded_build(seed, lambda: ViT(config))
+                record = train_classifier(entry, model, ctx, spec, seed, train, test, callbacks=[tracker],
                                           experiment=name, key=(f"stats every {every}",))
                 accs.append(record.metrics["accuracy"])
                 stats_runs.append(record.metrics.get("routing") or {})
