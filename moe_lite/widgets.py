@@ -562,17 +562,20 @@ class ThresholdExplorer(Explorer):
         x_key, y_key: the result keys drawn as the trade-off's x and y.
         initial: the starting value (default: the middle one).
         evaluate_all: evaluate every value at once, so the full curve shows from the start.
+        figures: extra live figures, ``name -> builder(result) -> go.Figure``, drawn after the
+            trade-off from the current ``last_result`` (e.g. the samples generated at this value).
 
     Results are cached per value (``.cache``), so moving the slider back costs nothing.
     ``last_result`` is the evaluated dict plus ``name: value``, ``cached`` and ``evaluated`` (the
     number of values evaluated so far). Figure ``"tradeoff"``: y vs x over evaluated values,
-    the current one ringed.
+    the current one ringed; then the ``figures`` given.
     """
 
     def __init__(self, evaluate_fn: Callable[[float], Mapping[str, Any]], values: Sequence[float],
                  name: str = "threshold", x_key: str = "experts_per_token", y_key: str = "accuracy",
                  x_title: Optional[str] = None, y_title: Optional[str] = None, initial: Optional[float] = None,
-                 evaluate_all: bool = False, mode: Optional[str] = None, title: Optional[str] = None) -> None:
+                 evaluate_all: bool = False, mode: Optional[str] = None, title: Optional[str] = None,
+                 figures: Optional[Mapping[str, Callable[[Mapping[str, Any]], go.Figure]]] = None) -> None:
         _require_ipywidgets()
         if not callable(evaluate_fn):
             raise TypeError("evaluate_fn must be callable: value -> dict")
@@ -592,8 +595,10 @@ class ThresholdExplorer(Explorer):
         start = vals[len(vals) // 2] if initial is None else _match_option(name, vals, initial)
         slider = widgets.SelectionSlider(options=[(f"{v:g}", v) for v in vals], value=start, description=name,
                                          continuous_update=False)
-        super().__init__({name: slider}, self._lookup, figures={"tradeoff": self._tradeoff_figure},
-                         mode=mode, title=title)
+        if figures and "tradeoff" in figures:
+            raise ValueError("figures must not replace the built-in 'tradeoff' figure")
+        super().__init__({name: slider}, self._lookup,
+                         figures={"tradeoff": self._tradeoff_figure, **(figures or {})}, mode=mode, title=title)
 
     def _evaluate(self, value: float) -> Dict[str, Any]:
         """Call ``evaluate_fn`` once for ``value`` (no grad) and cache its checked result."""
