@@ -63,16 +63,18 @@ def setup(size: Optional[str] = None, device: str = "auto", threads: Optional[in
           verbose: bool = True) -> NotebookContext:
     """Pick the device and size, configure plotly, and say what was chosen.
 
-    ``threads``: torch CPU threads (default: leave torch's choice; 2-core machines such as Binder
-    run small models best with every core).
+    ``threads``: torch CPU threads. Default: 1 at smoke size (its tensors are tiny, and a second
+    OpenMP thread mostly spins, 10x slower when the machine is busy), else torch's own choice.
     """
     from .widgets import resolve_mode
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     dev = pick_device(device)
     colab = in_colab()
     chosen = choose_size(dev, size)
+    if threads is None and chosen == "smoke" and dev.type == "cpu":
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
     configure_plotly(colab)
     ctx = NotebookContext(size=chosen, device=dev, colab=colab, figure_mode=resolve_mode(None))
     if verbose:

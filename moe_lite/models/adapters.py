@@ -3,7 +3,7 @@
 Axis legend: b batch, l tokens per sample, n = b*l flat tokens, a assignments, e experts,
 r LoRA rank, i / o input / output features of the adapted ``nn.Linear``.
 
-Protocol (notebook 5): pretrain a dense :class:`~moe_lite.models.vit.ViT` on one task (classes 0-4),
+Protocol (notebook 07): pretrain a dense :class:`~moe_lite.models.vit.ViT` on one task (classes 0-4),
 then adapt it to another (classes 5-9 relabelled 0-4, see :func:`split_classes`) with
 :func:`adapt`, comparing
 
