@@ -1,4 +1,5 @@
-"""Command line: ``python -m moe_lite run <name|all> --size smoke|quick|full --out results/``.
+"""Command line: ``python -m moe_lite run <name|all> --size smoke|quick|full --out results/``,
+``python -m moe_lite report results/ --out docs/results.md``, ``python -m moe_lite list``.
 
 Each experiment writes ``<out>/<name>.json`` (every metric, the config and the wall time) and
 ``<out>/<name>.html`` (a self-contained report with its plotly figures).
@@ -30,6 +31,10 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
     sub.add_parser("list", help="list the experiments")
+
+    report = sub.add_parser("report", help="a markdown results page from the JSON files of 'run'")
+    report.add_argument("folder", nargs="?", default="results", help="where 'run' wrote its JSON files")
+    report.add_argument("--out", default=None, help="write the page here (default: print it)")
     return parser
 
 
@@ -37,6 +42,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .experiments import EXPERIMENTS, run_experiments
 
     args = _build_parser().parse_args(argv)
+    if args.command == "report":
+        from .experiments.report import write_report
+
+        text = write_report(args.folder, args.out)
+        if args.out is None:
+            print(text)
+        return 0
     if args.command == "list":
         for name, exp in EXPERIMENTS.items():
             print(f"{name:10s} {exp.description}")

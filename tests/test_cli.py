@@ -25,3 +25,15 @@ def test_run_all_smoke_end_to_end(tmp_path, monkeypatch):
     # a second run reloads the cached checkpoints instead of training again
     assert main(["run", "adapt", "--size", "smoke", "--data", "embedded", "--out", str(out), "--no-progress"]) == 0
     assert list((tmp_path / "cache" / "runs" / "adapt").glob("*.pt"))
+
+
+def test_report_renders_tables_and_the_reproducing_command(tmp_path, capsys):
+    record = {"name": "vimoe", "size": "quick", "device": "cpu", "data_source": "embedded subset",
+              "wall_time_s": 12.5, "config": {"seeds": [0, 1]}, "notes": ["a note"],
+              "tables": {"accuracy": [{"variant": "dense", "accuracy": 0.8512}, {"variant": "vimoe", "accuracy": 0.86}]}}
+    (tmp_path / "vimoe.json").write_text(json.dumps(record))
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "results.md")]) == 0
+    page = (tmp_path / "results.md").read_text()
+    assert "`python -m moe_lite run vimoe --size quick --data embedded --seeds 0 1`" in page
+    assert "| variant | accuracy |" in page and "| dense | 0.8512 |" in page
+    assert "wall time: 12 s" in page and "> a note" in page
