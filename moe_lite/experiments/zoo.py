@@ -12,8 +12,8 @@ from .core import ExperimentResult, RunContext, Timer, mean_std
 SIZES: Dict[str, ClassifySize] = {
     "smoke": ClassifySize(n_per_class=12, test_per_class=6, epochs=1, batch_size=40,
                           model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
-    "quick": ClassifySize(n_per_class=300, test_per_class=100, epochs=3, batch_size=100, lr=3e-3,
-                          time_budget_s=25),
+    "quick": ClassifySize(n_per_class=300, test_per_class=100, epochs=8, batch_size=100, lr=3e-3,
+                          time_budget_s=20),
     "full": ClassifySize(n_per_class=None, test_per_class=None, epochs=15, batch_size=256, lr=1e-3,
                          model={"dim": 128, "depth": 6, "heads": 4, "mlp_hidden": 256}),
 }
