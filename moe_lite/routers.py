@@ -152,6 +152,22 @@ def _routing(
     )
 
 
+def _routing_from_topk(logits: Tensor, scores: Tensor, k: int, renormalize: bool,
+                       info: Dict[str, Any]) -> Routing:
+    """Token-choice top-k straight from ``topk``'s indices: the same assignments, order (token-major,
+    then expert) and gradients as ``_routing(_topk_mask(...))``, without building and scanning a
+    dense ``[N, E]`` mask (the mask path costs about as much as a fine-grained expert layer)."""
+    b, l, e = logits.shape
+    idx = scores.detach().topk(k, dim=-1).indices.reshape(b * l, k)  # [N, k]
+    idx = idx.sort(-1).values  # expert order within each token, as nonzero() gives it
+    weight = scores.reshape(b * l, e).gather(1, idx)  # [N, k], differentiable
+    if renormalize:
+        weight = weight / weight.sum(-1, keepdim=True)
+    token = torch.arange(b * l, device=logits.device).repeat_interleave(k)  # [A]
+    return Routing(logits=logits, token=token, expert=idx.reshape(-1), weight=weight.reshape(-1),
+                   num_experts=e, scores=scores, info=info)
+
+
 def _canonical_candidates(candidates: Any) -> str:
     """``"LB"`` -> ``"BL"``; ``ValueError`` unless a non-empty set of distinct letters from ``BLE``."""
     if not isinstance(candidates, str) or not candidates:
@@ -289,13 +305,10 @@ class TopK(Router):
             _check_experts(self.noise_proj.out_features, e, "TopK(noise='learned')")  # type: ignore[union-attr]
         h = self._noisy(logits, x)  # [B, L, E]
         scores = _gate(h, self.gating)  # [B, L, E]
+        if self.noise != "learned":
+            return _routing_from_topk(logits, scores, self.k, self.renormalize, {"k": self.k})
         mask = _topk_mask(scores, self.k)  # [B, L, E]
-        if self.noise == "learned":
-            weight = h.masked_fill(~mask, float("-inf")).softmax(-1)  # Shazeer: keep top-k, then softmax
-        elif self.renormalize:
-            weight = scores / (scores * mask).sum(-1, keepdim=True)
-        else:
-            weight = scores
+        weight = h.masked_fill(~mask, float("-inf")).softmax(-1)  # Shazeer: keep top-k, then softmax
         return _routing(logits, mask, weight, scores, {"k": self.k})
 
 
