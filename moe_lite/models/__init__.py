@@ -51,3 +51,5 @@ __all__ = [
 
 # ---- dit.py (DiT / DiT-MoE): its exports go below this line ------------------------------------------
 from .dit import DiT, DiTConfig, DiffusionTask  # noqa: E402
+
+__all__ += ["DiT", "DiTConfig", "DiffusionTask"]
