@@ -37,3 +37,17 @@ def test_report_renders_tables_and_the_reproducing_command(tmp_path, capsys):
     assert "`python -m moe_lite run vimoe --size quick --data embedded --seeds 0 1`" in page
     assert "| variant | accuracy |" in page and "| dense | 0.8512 |" in page
     assert "wall time: 12 s" in page and "> a note" in page
+
+
+def test_checkpoint_cache_key_sees_the_data_content():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from moe_lite.experiments.common import data_fingerprint
+
+    x, y = torch.zeros(10, 1, 28, 28), torch.arange(10)
+    same = data_fingerprint(TensorDataset(x.clone(), y.clone()))
+    assert data_fingerprint(TensorDataset(x, y)) == same
+    y2 = y.clone()
+    y2[0] = 5  # same size, different content
+    assert data_fingerprint(TensorDataset(x, y2)) != same

@@ -1,6 +1,7 @@
 """Training and analysis steps that several experiments share (classification on Fashion-MNIST)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -60,6 +61,19 @@ class RunRecord:
     metrics: Dict[str, Any]
 
 
+def data_fingerprint(dataset: Any) -> str:
+    """A short hash of a TensorDataset's contents (its size alone would not notice a different
+    selection of images), for checkpoint cache keys."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is None:
+        return f"n={len(dataset)}"
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cached_fit(experiment: str, name: str, model: nn.Module, task: Any, train_loader: Any, eval_loader: Any,
                config: TrainConfig, ctx: RunContext, key: Sequence[Any] = (),
                callbacks: Sequence[Callable] = ()) -> History:
@@ -72,7 +86,7 @@ def cached_fit(experiment: str, name: str, model: nn.Module, task: Any, train_lo
     """
     train_config = {k: v for k, v in config.to_dict().items() if k not in ("checkpoint", "progress")}
     path = ctx.checkpoint_path(experiment, name, getattr(model, "config", None), train_config,
-                               len(train_loader.dataset), *key)
+                               data_fingerprint(train_loader.dataset), *key)
     stateful = [cb for cb in callbacks if hasattr(cb, "state_dict")]
     sidecar = path.with_suffix(".callbacks.json") if path is not None else None
     if path is not None and ctx.reuse and path.is_file():
