@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .experiments.core import SIZE_ENV, SIZES
+from .experiments.core import SIZE_ENV, resolve_size
 from .train import pick_device
 
 #: Where the project lives (the Colab install cell and the badges point here).
@@ -43,9 +43,7 @@ class NotebookContext:
 def choose_size(device: torch.device, size: Optional[str] = None) -> str:
     """``size`` if given, else ``$MOE_LITE_SIZE``, else ``full`` on CUDA and ``quick`` elsewhere."""
     size = size or os.environ.get(SIZE_ENV) or ("full" if device.type == "cuda" else "quick")
-    size = size.strip().lower()
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    size = resolve_size(size.strip().lower())
     os.environ[SIZE_ENV] = size  # experiments called without a size then agree with the notebook
     return size
 

@@ -192,6 +192,17 @@ def routing_table(stats: Dict[str, Dict[str, float]], keys: Sequence[str] = (
     return [{"layer": name, **{k: round(float(v[k]), 4) for k in keys if k in v}} for name, v in stats.items()]
 
 
+def layer_mean(stats: Dict[str, Dict[str, float]], keys: Sequence[str]) -> Dict[str, float]:
+    """The mean over MoE layers of each statistic in ``keys`` (layer name -> statistics, as
+    :func:`moe_lite.routing_stats` gives them); keys no layer reports are left out."""
+    out = {}
+    for key in keys:
+        values = [v[key] for v in stats.values() if key in v]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
 class StepStats:
     """A training callback that records each MoE layer's routing statistics every ``every`` steps
     (from the training forward it just did: no extra compute)."""
@@ -212,10 +223,8 @@ class StepStats:
             for key, value in values.items():
                 record[f"{layer_name}/{key}"] = value
         # the mean over layers: the curve a reader looks at first
-        for key in ("load_cv", "max_vio", "combination_usage", "experts_per_token", "dead_experts"):
-            vals = [v[key] for v in layers.values() if key in v]
-            if vals:
-                record[key] = sum(vals) / len(vals)
+        record.update(layer_mean(layers, ("load_cv", "max_vio", "combination_usage", "experts_per_token",
+                                          "dead_experts")))
         self.records.append(record)
 
     def state_dict(self) -> Dict[str, Any]:

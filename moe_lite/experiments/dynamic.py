@@ -89,9 +89,10 @@ def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = 
                     result.figures[f"training curves: {name}"] = viz.training_curves(record.history)
                     result.metrics[f"{name}/routing"] = record.metrics.get("routing")
             first = profiles[0]
+            acc, ept = mean_std(accs), mean_std(experts)
             result.metrics[name] = {
-                "accuracy": mean_std(accs),
-                "experts_per_token": mean_std(experts),
+                "accuracy": acc,
+                "experts_per_token": ept,
                 "experts_per_layer": {k: float(v.mean()) for k, v in first["layers"].items()},
                 "experts_by_class": [float(first["experts"][test.y == c].mean()) for c in range(10)],
                 "loss_experts_spearman": spearman(first["loss"], first["experts"]),
@@ -99,9 +100,8 @@ def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = 
                                              float(first["experts"][first["correct"] == 0].mean())
                                              if (first["correct"] == 0).any() else float("nan")],
             }
-            rows.append({"model": name, "accuracy": round(mean_std(accs)["mean"], 4),
-                         "accuracy_std": round(mean_std(accs)["std"], 4),
-                         "experts_per_token": round(mean_std(experts)["mean"], 3), "seeds": len(accs),
+            rows.append({"model": name, "accuracy": round(acc["mean"], 4), "accuracy_std": round(acc["std"], 4),
+                         "experts_per_token": round(ept["mean"], 3), "seeds": len(accs),
                          **{f"experts {k}": round(v, 3) for k, v in result.metrics[name]["experts_per_layer"].items()}})
         result.tables["top-p vs top-2"] = rows
         _class_table_and_figures(result, test)

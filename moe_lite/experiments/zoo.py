@@ -6,7 +6,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..models.vit import ViT, ViTConfig
 from .. import viz
-from .common import ClassifySize, StepStats, seeded_build, train_classifier
+from .common import ClassifySize, StepStats, layer_mean, seeded_build, train_classifier
 from .core import ExperimentResult, RunContext, Timer, mean_std
 
 SIZES: Dict[str, ClassifySize] = {
@@ -87,9 +87,8 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
                     curves[entry] = tracker.records
                     result.models[entry] = record.model
             layer_stats = stats_runs[0]
-            mean_over_layers = {k: sum(v[k] for v in layer_stats.values()) / max(len(layer_stats), 1)
-                                for k in ("experts_per_token", "load_cv", "max_vio", "dropped_fraction",
-                                          "dead_experts", "combination_usage")} if layer_stats else {}
+            mean_over_layers = layer_mean(layer_stats, ("experts_per_token", "load_cv", "max_vio",
+                                                        "dropped_fraction", "dead_experts", "combination_usage"))
             acc = mean_std(accs)
             result.metrics[entry] = {"accuracy": acc, "routing": layer_stats, "routing_mean": mean_over_layers}
             rows.append({name if name != "zoo" else "router": entry, "accuracy": round(acc["mean"], 4),
