@@ -29,23 +29,33 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the size's seeds)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     run.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    run.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                     help="only these variants / routers / methods (experiments vimoe, vimoe-grid, dit, race: "
+                          "variant names; zoo: routers; balance, adapt: methods); quote names with spaces")
 
     sub.add_parser("list", help="list the experiments")
 
     report = sub.add_parser("report", help="a markdown results page from the JSON files of 'run'")
     report.add_argument("folder", nargs="?", default="results", help="where 'run' wrote its JSON files")
     report.add_argument("--out", default=None, help="write the page here (default: print it)")
+    report.add_argument("--intro", default=None, help="a markdown file to put above the tables (the findings)")
+    report.add_argument("--figures", default=None, metavar="DIR",
+                        help="draw each experiment's summary figures into DIR and link them (needs kaleido "
+                             "for svg/png)")
+    report.add_argument("--figure-format", choices=("svg", "png", "html"), default="svg")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .experiments import EXPERIMENTS, run_experiments
+    from .experiments.registry import UnknownVariant
 
     args = _build_parser().parse_args(argv)
     if args.command == "report":
         from .experiments.report import write_report
 
-        text = write_report(args.folder, args.out)
+        text = write_report(args.folder, args.out, intro=args.intro, figures=args.figures,
+                            figure_format=args.figure_format)
         if args.out is None:
             print(text)
         return 0
@@ -59,8 +69,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"unknown experiment(s): {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)} or 'all'",
               file=sys.stderr)
         return 2
-    run_experiments(names, size=args.size, out=args.out, data=args.data, seeds=args.seeds,
-                    device=args.device, progress=not args.no_progress)
+    try:
+        run_experiments(names, size=args.size, out=args.out, data=args.data, seeds=args.seeds,
+                        device=args.device, progress=not args.no_progress, variants=args.variants)
+    except UnknownVariant as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -352,3 +352,50 @@ def test_state_dict_roundtrip_gives_identical_eval_outputs():
     t = torch.rand(3)
     with torch.no_grad():
         assert torch.equal(model(x, t, y), clone(x, t, y))
+
+
+# ---- the EMA ("learnable") threshold switch of the Race study -------------------------------------
+def test_ema_threshold_off_routes_by_batch_top_k_and_is_recorded():
+    from moe_lite.models.dit import use_ema_threshold
+
+    model = make(tiny("race"))
+    warm_up(model)
+    model.eval()
+    x, y = batch(6)
+    t = torch.rand(6)
+    # a threshold no score reaches: with it every token gets no expert; without it, exactly k on average
+    set_race_threshold(model, 1e9, absolute=True)
+    use_ema_threshold(model, False)
+    assert model.config.ema_threshold is False
+    assert all(not r.eval_threshold for r in model.modules() if isinstance(r, Race))
+    with torch.no_grad():
+        model(x, t, y)
+    for layer in [m for _, m in moe_layers(model)]:
+        assert layer.routing.experts_per_token.float().mean().item() == pytest.approx(2.0)
+    use_ema_threshold(model, True)
+    with torch.no_grad():
+        model(x, t, y)
+    for layer in [m for _, m in moe_layers(model)]:
+        assert layer.routing.experts_per_token.float().sum().item() == 0
+    # the config knob builds routers the same way
+    built = DiT(tiny("race", ema_threshold=False))
+    assert all(not r.eval_threshold for r in built.modules() if isinstance(r, Race))
+    with pytest.raises(ValueError, match="no Race router"):
+        use_ema_threshold(make(tiny("token_choice")), False)
+
+
+def test_race_study_variants_share_training_only_across_the_ema_switch():
+    from moe_lite.experiments.diffusion import STUDY_TABLES, VARIANTS, training_config, variant_config
+
+    def trained(name):
+        return training_config(variant_config(name, "smoke"))
+
+    assert trained("race, identity gating") == trained("race + EMA threshold")
+    assert trained("race, softmax gating") != trained("race, identity gating")
+    assert trained("race + per-layer reg") != trained("race + EMA threshold")
+    assert trained("expert race").router_similarity > 0 and trained("race, balance loss").balance_weight > 0
+    assert variant_config("race, identity gating", "smoke").ema_threshold is False
+    for _, names in STUDY_TABLES:
+        assert set(names) <= set(VARIANTS)
+    with pytest.raises(ValueError, match="unknown DiT variant"):
+        variant_config("race, relu gating", "smoke")

@@ -20,7 +20,10 @@ class ClassifySize:
     """How big one classification run is at a given size.
 
     ``n_per_class`` / ``test_per_class``: stratified images per class (None = the whole split);
-    ``epochs``, ``batch_size``, ``lr``; ``time_budget_s``: a wall-time cap (CPU quick runs);
+    ``epochs``, ``batch_size``, ``lr``; ``max_steps``: a fixed number of optimizer steps instead of
+    ``epochs`` (quick runs use it, so a run gives the same numbers on any machine);
+    ``eval_every``: evaluate (and checkpoint) every this many steps (None: after every epoch, which
+    on a small training set is often); ``time_budget_s``: a wall-time cap (stops early on a slow machine, so results then depend on speed);
     ``model``: ViTConfig field overrides (e.g. a tinier model for smoke); ``augment``: random
     shifts and mirrors in training (:class:`moe_lite.train.ClassificationTask`).
     """
@@ -30,6 +33,8 @@ class ClassifySize:
     epochs: int
     batch_size: int = 128
     lr: float = 2e-3
+    max_steps: Optional[int] = None
+    eval_every: Optional[int] = None
     time_budget_s: Optional[float] = None
     model: Dict[str, Any] = field(default_factory=dict)
     augment: bool = True
@@ -116,8 +121,9 @@ def train_classifier(name: str, model: nn.Module, ctx: RunContext, size: Classif
     ``routing`` (layer -> statistics on the first test batch).
     """
     train_loader, test_loader = loaders(train, test, size.batch_size, seed)
-    config = TrainConfig(epochs=size.epochs, lr=lr or size.lr, seed=seed, device=str(ctx.device),
-                         progress=ctx.progress, time_budget_s=size.time_budget_s)
+    config = TrainConfig(epochs=size.epochs, max_steps=size.max_steps, lr=lr or size.lr, seed=seed,
+                         device=str(ctx.device), progress=ctx.progress, time_budget_s=size.time_budget_s,
+                         eval_every=size.eval_every)
     if ctx.progress:
         print(f"[{name}] seed {seed}: {sum(p.numel() for p in model.parameters()):,} parameters")
     task = ClassificationTask(augment=size.augment)

@@ -14,16 +14,21 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from ..data import CLASS_NAMES
-from ..models.dit import DiT, DiTConfig, track_experts
+from ..models.dit import RACE_CANDIDATES, DiT, DiTConfig, track_experts, use_ema_threshold
 from ..models.diffusion import DiffusionTask, sample, to_unit_range
 from ..train import TrainConfig
 from .. import viz
-from .common import StepStats, cached_fit, loaders, seeded_build
+from .common import StepStats, cached_fit, layer_mean, loaders, seeded_build
 from .core import ExperimentResult, RunContext, Timer, mean_std
 
 
 @dataclass(frozen=True)
 class DiffusionSize:
+    """How big one DiT run is: training images per class (None = all), ``epochs`` or a fixed
+    ``max_steps`` (quick: the same numbers on any machine), batch size, learning rate, an optional
+    wall-time cap, and the sampling used for the metrics (images per class, Heun steps, CFG scale).
+    ``model``: DiTConfig overrides."""
+
     n_per_class: Optional[int]
     epochs: int
     batch_size: int
@@ -33,14 +38,17 @@ class DiffusionSize:
     sample_steps: int
     cfg_scale: float
     model: Dict[str, Any] = field(default_factory=dict)
+    max_steps: Optional[int] = None
 
 
 SIZES: Dict[str, DiffusionSize] = {
     "smoke": DiffusionSize(n_per_class=16, epochs=1, batch_size=40, lr=2e-3, time_budget_s=None,
                            samples_per_class=2, sample_steps=3, cfg_scale=2.0,
                            model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
-    "quick": DiffusionSize(n_per_class=None, epochs=20, batch_size=128, lr=2e-3, time_budget_s=150,
-                           samples_per_class=50, sample_steps=10, cfg_scale=2.0),
+    # 500 steps of 64 images (3.2 epochs of the 10k subset): about 2 minutes per model on one CPU
+    # thread, so the Race study (12 trained variants x 3 seeds) fits in about 75 minutes
+    "quick": DiffusionSize(n_per_class=None, epochs=1, max_steps=500, batch_size=64, lr=2e-3, time_budget_s=None,
+                           samples_per_class=30, sample_steps=10, cfg_scale=2.0),
     "full": DiffusionSize(n_per_class=None, epochs=60, batch_size=256, lr=5e-4, time_budget_s=None,
                           samples_per_class=500, sample_steps=25, cfg_scale=2.0,
                           model={"dim": 256, "depth": 8, "heads": 8, "mlp_hidden": 1024}),
@@ -48,30 +56,58 @@ SIZES: Dict[str, DiffusionSize] = {
 
 #: name -> DiTConfig overrides. All MoE variants: 8 experts, 2 active per token on average, each
 #: expert half the dense MLP width (the paper's 2-in-8), so active compute equals the dense DiT.
-RACE_RECIPE = {"moe_routing": "race", "gating": "identity", "per_layer_reg": True, "router_similarity": 1e-2}
+#: The full recipe (Table 6 rows): identity gating, EMA threshold, per-layer regularization,
+#: router similarity.
+RACE_RECIPE = {"moe_routing": "race", "gating": "identity", "ema_threshold": True, "per_layer_reg": True,
+               "router_similarity": 1e-2}
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "dense": {"moe_routing": "none"},
+    # Table 6: which dimensions compete in the top-K (full recipe each)
     "token choice": {**RACE_RECIPE, "moe_routing": "token_choice"},
     "expert choice": {**RACE_RECIPE, "moe_routing": "expert_choice"},
-    "expert race": dict(RACE_RECIPE),
     "BL choice": {**RACE_RECIPE, "moe_routing": "bl"},
     "BE choice": {**RACE_RECIPE, "moe_routing": "be"},
     "LE choice": {**RACE_RECIPE, "moe_routing": "le"},
-    # the paper's Table 1 / Table 3 ablations
-    "race, softmax gating": {"moe_routing": "race", "gating": "softmax"},
-    "race, sigmoid gating": {"moe_routing": "race", "gating": "sigmoid"},
-    "race, identity gating": {"moe_routing": "race", "gating": "identity"},
-    "race + per-layer reg": {"moe_routing": "race", "gating": "identity", "per_layer_reg": True},
-    "race, balance loss": {"moe_routing": "race", "gating": "identity", "per_layer_reg": True,
-                           "balance_weight": 1e-2},
+    "expert race": dict(RACE_RECIPE),
+    # Table 1 (race row) and the start of Table 3's cumulative ablation: no threshold, no PLR, no RS
+    "race, softmax gating": {"moe_routing": "race", "gating": "softmax", "ema_threshold": False},
+    "race, sigmoid gating": {"moe_routing": "race", "gating": "sigmoid", "ema_threshold": False},
+    "race, identity gating": {"moe_routing": "race", "gating": "identity", "ema_threshold": False},
+    # Table 3, cumulative: + EMA ("learnable") threshold, + per-layer reg (then + RS = expert race)
+    "race + EMA threshold": {"moe_routing": "race", "gating": "identity", "ema_threshold": True},
+    "race + per-layer reg": {"moe_routing": "race", "gating": "identity", "ema_threshold": True,
+                             "per_layer_reg": True},
+    # Table 2: no constraint (= race + per-layer reg) vs a balance loss vs router similarity (= expert race)
+    "race, balance loss": {"moe_routing": "race", "gating": "identity", "ema_threshold": True,
+                           "per_layer_reg": True, "balance_weight": 1e-2},
 }
 DEFAULT_VARIANTS = ("dense", "token choice", "expert choice", "expert race")
+#: every variant the Race study (``python -m moe_lite run race``) trains
+RACE_STUDY = tuple(VARIANTS)
+#: the paper's tables, as (title, variant names in row order)
+STUDY_TABLES = (
+    ("Table 6: routing strategy (full recipe, equal active compute)",
+     ("dense", "token choice", "expert choice", "BL choice", "BE choice", "LE choice", "expert race")),
+    ("Table 1: gating function (race, no threshold, no PLR, no RS)",
+     ("race, softmax gating", "race, sigmoid gating", "race, identity gating")),
+    ("Table 3: cumulative ablation",
+     ("race, softmax gating", "race, identity gating", "race + EMA threshold", "race + per-layer reg",
+      "expert race")),
+    ("Table 2: balance (MaxVio, combination usage)",
+     ("race + per-layer reg", "race, balance loss", "expert race")),
+)
 
 
 def variant_config(name: str, size: str) -> DiTConfig:
     if name not in VARIANTS:
         raise ValueError(f"unknown DiT variant {name!r}; choose from {list(VARIANTS)}")
     return DiTConfig(**{**SIZES[size].model, "num_experts": 8, "k": 2, **VARIANTS[name]})
+
+
+def training_config(config: DiTConfig) -> DiTConfig:
+    """The config a variant trains with. The EMA threshold only changes inference, so variants
+    that differ in it alone share one training run (and checkpoint) and are evaluated both ways."""
+    return dataclasses.replace(config, ema_threshold=True) if config.is_moe else config
 
 
 @torch.no_grad()
@@ -106,68 +142,86 @@ def evaluate_samples(model: DiT, classifier: torch.nn.Module, reference: torch.T
 
 def run_dit(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
             data: str = "auto", progress: bool = True, variants: Sequence[str] = DEFAULT_VARIANTS,
-            ctx: Optional[RunContext] = None) -> ExperimentResult:
-    """Train a class-conditional DiT per variant (default: dense, token choice, expert choice, expert
-    race at equal active compute), sample every class, and report the kit's classifier-feature
-    Fréchet distance, conditional accuracy, experts per diffusion timestep and balance statistics."""
+            ctx: Optional[RunContext] = None, name: str = "dit") -> ExperimentResult:
+    """Train a class-conditional DiT per variant and seed (default: dense, token choice, expert
+    choice, expert race at equal active compute), sample every class, and report the kit's
+    classifier-feature Fréchet distance, conditional accuracy, experts per diffusion timestep and
+    balance statistics (MaxVio, combination usage), each as mean and std over seeds. When the
+    variants of one of the paper's tables (:data:`STUDY_TABLES`) are all present, that table is
+    added too. ``name``: the experiment name the result is saved under."""
     ctx = ctx or RunContext.create(size, seeds, device, data, progress)
     spec = SIZES[ctx.size]
     train_all, test_all = ctx.splits()
     train = train_all.take(spec.n_per_class, seed=0)
-    result = ExperimentResult("dit", ctx.size, str(ctx.device), train_all.source,
+    for v in variants:
+        variant_config(v, ctx.size)  # unknown names fail before any training
+    result = ExperimentResult(name, ctx.size, str(ctx.device), train_all.source,
                               config={"variants": {v: VARIANTS[v] for v in variants}, "seeds": ctx.seeds,
                                       "train_images": len(train), "size": dataclasses.asdict(spec)},
                               notes=["fd_fmnist_classifier is a Fréchet distance on the features of moe_lite's own "
-                                     "Fashion-MNIST classifier, not Inception FID."])
+                                     "Fashion-MNIST classifier, not Inception FID.",
+                                     "Variants that differ only in the EMA threshold share their training run "
+                                     "(the threshold acts at inference only); their val_loss is the trained "
+                                     "model's, measured with the threshold."])
     with Timer() as timer:
         classifier = _classifier(ctx, train_all, test_all)
         reference = test_all.x
         rows, curves = [], {}
-        for name in variants:
-            config = variant_config(name, ctx.size)
+        for variant in variants:
+            config = variant_config(variant, ctx.size)
+            train_config = training_config(config)
+            # the cache slug of the first variant that trains this way, so shared runs share a file
+            train_name = next(v for v in VARIANTS if training_config(variant_config(v, ctx.size)) == train_config)
             per_seed = []
             for seed in ctx.seeds:
-                model = seeded_build(seed, lambda: DiT(config))
+                model = seeded_build(seed, lambda: DiT(train_config))
                 tracker = StepStats(every=10)
                 train_loader, test_loader = loaders(train, test_all.take(20, seed=1), spec.batch_size, seed)
-                history = cached_fit("dit", name, model, DiffusionTask(), train_loader, test_loader,
-                                     TrainConfig(epochs=spec.epochs, lr=spec.lr, seed=seed, device=str(ctx.device),
-                                                 progress=ctx.progress, time_budget_s=spec.time_budget_s),
+                history = cached_fit("dit", train_name, model, DiffusionTask(), train_loader, test_loader,
+                                     TrainConfig(epochs=spec.epochs, max_steps=spec.max_steps, lr=spec.lr, seed=seed,
+                                                 device=str(ctx.device), progress=ctx.progress,
+                                                 time_budget_s=spec.time_budget_s),
                                      ctx, key=(seed,), callbacks=[tracker])
+                if config.moe_routing in RACE_CANDIDATES:
+                    use_ema_threshold(model, config.ema_threshold)
                 gen = evaluate_samples(model, classifier, reference, spec, ctx.device, seed=seed)
-                per_seed.append((model, history, gen, tracker))
-            model, history, gen, tracker = per_seed[0]
-            fds = mean_std([g["fd_fmnist_classifier"] for _, _, g, _ in per_seed])
-            caccs = mean_std([g["conditional_accuracy"] for _, _, g, _ in per_seed])
+                balance = layer_mean(history.evals[-1].get("routing") or {},
+                                     ("max_vio", "combination_usage", "load_cv"))
+                per_seed.append((model, history, gen, tracker, balance))
+            model, history, gen, tracker, _ = per_seed[0]
+            summary = {key: mean_std([g[key] for _, _, g, _, _ in per_seed])
+                       for key in ("fd_fmnist_classifier", "conditional_accuracy")}
+            if "experts_per_token" in gen:
+                summary["sampling_experts_per_token"] = mean_std([g["experts_per_token"] for _, _, g, _, _ in per_seed])
+            for key in ("max_vio", "combination_usage", "load_cv"):
+                if key in per_seed[0][4]:
+                    summary[key] = mean_std([b[key] for *_, b in per_seed])
             final = history.evals[-1]
-            entry = {"fd_fmnist_classifier": fds, "conditional_accuracy": caccs,
-                     "val_loss": final.get("loss"), "train_time_s": history.wall_time_s,
+            entry = {**summary, "val_loss": mean_std([h.evals[-1].get("loss") for _, h, *_ in per_seed]),
+                     "train_time_s": mean_std([h.wall_time_s for _, h, *_ in per_seed]),
                      "steps": history.steps[-1]["step"] if history.steps else 0,
-                     "routing": final.get("routing"),
-                     "sampling_experts_per_token": gen.get("experts_per_token")}
-            result.metrics[name] = entry
-            result.models[name] = model
-            curves[name] = tracker.records
-            rows.append({"variant": name, "fd_fmnist_classifier": round(fds["mean"], 3),
-                         "fd_std": round(fds["std"], 3), "conditional_accuracy": round(caccs["mean"], 4),
-                         "cond_acc_std": round(caccs["std"], 4), "seeds": fds["n"],
-                         "val_loss": round(float(final.get("loss", float("nan"))), 4),
-                         "experts_per_token (sampling)": round(gen["experts_per_token"], 3)
-                         if "experts_per_token" in gen else "dense",
-                         "steps": entry["steps"], "train_s": round(history.wall_time_s, 1)})
+                     "routing": final.get("routing"), "config": dataclasses.asdict(config)}
+            result.metrics[variant] = entry
+            result.models[variant] = model
+            curves[variant] = tracker.records
+            rows.append(_row(variant, entry))
             per_class = min(spec.samples_per_class, 8)
             pick = torch.cat([torch.arange(c * spec.samples_per_class, c * spec.samples_per_class + per_class)
                               for c in range(10)])
-            result.figures[f"samples: {name}"] = viz.image_grid(
+            result.figures[f"samples: {variant}"] = viz.image_grid(
                 to_unit_range(gen["images"][pick]), labels=gen["labels"][pick], label_names=CLASS_NAMES,
                 ncols=per_class)
             if "experts_by_timestep" in gen:
-                result.metrics[name]["experts_by_timestep"] = gen["experts_by_timestep"]
-                result.figures[f"experts per timestep: {name}"] = viz.layer_stat_bars(
+                result.metrics[variant]["experts_by_timestep"] = gen["experts_by_timestep"]
+                result.figures[f"experts per timestep: {variant}"] = viz.layer_stat_bars(
                     {f"t in bucket {b}": {"experts_per_token": float(v)} for b, v in
                      enumerate(gen["experts_by_timestep"])}, keys="experts_per_token",
-                    title=f"{name}: experts per token by diffusion timestep (0 = clean, 9 = noise)")
+                    title=f"{variant}: experts per token by diffusion timestep (0 = clean, 9 = noise)")
         result.tables["generation (fd_fmnist_classifier: classifier-feature Fréchet distance, not FID)"] = rows
+        by_name = {row["variant"]: row for row in rows}
+        for title, names in STUDY_TABLES:
+            if all(n in by_name for n in names):
+                result.tables[title] = [by_name[n] for n in names]
         result.metrics["curves"] = curves
         moe_curves = {k: v for k, v in curves.items() if v}
         if moe_curves:
@@ -175,6 +229,33 @@ def run_dit(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None
                 moe_curves, x="step", keys=("load_cv", "max_vio", "combination_usage"))
     result.wall_time_s = timer.seconds
     return result
+
+
+def run_race(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
+             data: str = "auto", progress: bool = True, variants: Sequence[str] = RACE_STUDY,
+             ctx: Optional[RunContext] = None) -> ExperimentResult:
+    """The Expert Race study: every variant of :data:`VARIANTS` (the paper's Tables 1, 2, 3 and 6 at
+    small scale), saved as ``race``. Run it with 3 seeds: the differences are small."""
+    return run_dit(size, seeds=seeds, device=device, data=data, progress=progress, variants=variants, ctx=ctx,
+                   name="race")
+
+
+def _row(variant: str, entry: Dict[str, Any]) -> Dict[str, Any]:
+    """One table row: means with their std over seeds."""
+    def pm(key: str, digits: int) -> Any:
+        if key not in entry:
+            return "dense" if key == "sampling_experts_per_token" else "-"
+        value = entry[key]
+        if value["n"] > 1:
+            return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+        return round(value["mean"], digits)
+
+    return {"variant": variant, "fd_fmnist_classifier": pm("fd_fmnist_classifier", 2),
+            "conditional_accuracy": pm("conditional_accuracy", 3), "max_vio": pm("max_vio", 2),
+            "combination_usage": pm("combination_usage", 3), "val_loss": pm("val_loss", 4),
+            "experts_per_token (sampling)": pm("sampling_experts_per_token", 2),
+            "seeds": entry["fd_fmnist_classifier"]["n"], "steps": entry["steps"],
+            "train_s": round(entry["train_time_s"]["mean"], 1)}
 
 
 def _classifier(ctx: RunContext, train, test) -> torch.nn.Module:

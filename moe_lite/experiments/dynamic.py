@@ -60,60 +60,93 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
                 data: str = "auto", progress: bool = True, p: float = 0.4, entropy_weight: float = 1e-4,
-                ctx: Optional[RunContext] = None) -> ExperimentResult:
-    """Train a top-p ViMoE (entropy 1e-4 + load balance 1e-2) and a top-2 ViMoE with the same
-    parameters; report accuracy, mean experts per token (overall, per layer, per class), whether
-    high-loss samples take more experts, and an inference-only threshold sweep on the top-p model."""
+                entropy_ablation: bool = True, ctx: Optional[RunContext] = None) -> ExperimentResult:
+    """Train a top-p ViMoE (entropy ``entropy_weight`` + load balance 1e-2) and a top-2 ViMoE with
+    the same parameters (and, with ``entropy_ablation``, top-p without the entropy loss), for every
+    seed; report accuracy, mean experts per token (overall, per layer, per class), whether hard
+    classes and high-loss samples take more experts, and an inference-only threshold sweep on the
+    top-p model. Every number is a mean ± std over seeds; figures and per-class tables show the
+    first seed."""
     ctx = ctx or RunContext.create(size, seeds, device, data, progress)
     spec = SIZES[ctx.size]
     train_all, test_all = ctx.splits()
     train, test = train_all.take(spec.n_per_class, seed=0), test_all.take(spec.test_per_class, seed=1)
     base = base_config(ctx.size)
     configs = {"top-p": dynamic_config(base, p=p, entropy_weight=entropy_weight), "top-2": top2_config(base)}
+    if entropy_ablation:
+        configs["top-p, no entropy loss"] = dynamic_config(base, p=p, entropy_weight=0.0)
     result = ExperimentResult("dynamic", ctx.size, str(ctx.device), train_all.source,
                               config={"p": p, "entropy_weight": entropy_weight, "seeds": ctx.seeds,
-                                      "train_images": len(train), "size": dataclasses.asdict(spec)})
+                                      "models": list(configs), "train_images": len(train),
+                                      "size": dataclasses.asdict(spec)})
     with Timer() as timer:
-        rows = []
+        rows, hardness_rows = [], []
         for name, config in configs.items():
-            accs, experts, profiles = [], [], []
+            per_seed: List[Dict[str, float]] = []
             for seed in ctx.seeds:
                 record = train_classifier(name, seeded_build(seed, lambda: ViT(config)), ctx, spec, seed, train, test,
                                           experiment="dynamic")
                 profile = expert_profile(record.model, test, ctx.device)
-                accs.append(record.metrics["accuracy"])
-                experts.append(float(profile["experts"].mean()))
-                profiles.append(profile)
+                per_seed.append(_difficulty(profile, test))
                 if seed == ctx.seeds[0]:
                     result.models[name] = record.model
                     result.figures[f"training curves: {name}"] = viz.training_curves(record.history)
                     result.metrics[f"{name}/routing"] = record.metrics.get("routing")
-            first = profiles[0]
-            acc, ept = mean_std(accs), mean_std(experts)
+                    first = profile
+            summary = {key: mean_std([d[key] for d in per_seed]) for key in per_seed[0] if key != "layers"}
+            layers = {layer: mean_std([d["layers"][layer] for d in per_seed]) for layer in per_seed[0]["layers"]}
             result.metrics[name] = {
-                "accuracy": acc,
-                "experts_per_token": ept,
-                "experts_per_layer": {k: float(v.mean()) for k, v in first["layers"].items()},
+                **summary,
+                "experts_per_layer": {k: v["mean"] for k, v in layers.items()},
+                "experts_per_layer_seeds": layers,
                 "experts_by_class": [float(first["experts"][test.y == c].mean()) for c in range(10)],
-                "loss_experts_spearman": spearman(first["loss"], first["experts"]),
-                "experts_correct_vs_wrong": [float(first["experts"][first["correct"] == 1].mean()),
-                                             float(first["experts"][first["correct"] == 0].mean())
-                                             if (first["correct"] == 0).any() else float("nan")],
+                "accuracy_by_class": [float(first["correct"][test.y == c].mean()) for c in range(10)],
             }
-            rows.append({"model": name, "accuracy": round(acc["mean"], 4), "accuracy_std": round(acc["std"], 4),
-                         "experts_per_token": round(ept["mean"], 3), "seeds": len(accs),
-                         **{f"experts {k}": round(v, 3) for k, v in result.metrics[name]["experts_per_layer"].items()}})
+            rows.append({"model": name, "accuracy": _pm(summary["accuracy"], 4),
+                         "experts_per_token": _pm(summary["experts_per_token"], 3), "seeds": len(per_seed),
+                         **{f"experts {k}": _pm(v, 3) for k, v in layers.items()}})
+            hardness_rows.append({"model": name,
+                                  "spearman(sample loss, experts)": _pm(summary["loss_experts_spearman"], 3),
+                                  "experts, correct": _pm(summary["experts_correct"], 3),
+                                  "experts, wrong": _pm(summary["experts_wrong"], 3),
+                                  "spearman(class error, class experts)": _pm(summary["class_error_experts_spearman"], 3),
+                                  "seeds": len(per_seed)})
         result.tables["top-p vs top-2"] = rows
+        result.tables["do harder inputs take more experts?"] = hardness_rows
         _class_table_and_figures(result, test)
         _threshold_sweep(result, test, ctx)
     result.wall_time_s = timer.seconds
     return result
 
 
+def _difficulty(profile: Dict[str, torch.Tensor], test: Dataset) -> Dict[str, float]:
+    """One seed's numbers: accuracy, experts per token (mean and per layer), and how experts relate
+    to difficulty: rank correlation with the per-sample loss, experts on right vs wrong answers,
+    and rank correlation over classes between error rate and experts."""
+    experts, correct = profile["experts"], profile["correct"]
+    class_error = torch.stack([1 - correct[test.y == c].mean() for c in range(10)])
+    class_experts = torch.stack([experts[test.y == c].mean() for c in range(10)])
+    wrong = correct == 0
+    return {"accuracy": float(correct.mean()), "experts_per_token": float(experts.mean()),
+            "loss_experts_spearman": spearman(profile["loss"], experts),
+            "experts_correct": float(experts[~wrong].mean()),
+            "experts_wrong": float(experts[wrong].mean()) if wrong.any() else float("nan"),
+            "class_error_experts_spearman": spearman(class_error, class_experts),
+            "layers": {k: float(v.mean()) for k, v in profile["layers"].items()}}
+
+
+def _pm(summary: Dict[str, float], digits: int):
+    """``mean ± std`` over seeds (a plain rounded number for one seed)."""
+    if summary["n"] > 1:
+        return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+    return round(summary["mean"], digits)
+
+
 def _class_table_and_figures(result: ExperimentResult, test: Dataset) -> None:
     dyn = result.metrics["top-p"]
-    result.tables["experts per class (top-p)"] = [
-        {"class": CLASS_NAMES[c], "experts_per_token": round(v, 3)} for c, v in enumerate(dyn["experts_by_class"])]
+    result.tables["experts per class (top-p, first seed)"] = [
+        {"class": CLASS_NAMES[c], "experts_per_token": round(v, 3), "accuracy": round(a, 4)}
+        for c, (v, a) in enumerate(zip(dyn["experts_by_class"], dyn["accuracy_by_class"]))]
     result.figures["experts per token by layer"] = viz.layer_stat_bars(
         {layer: {"experts_per_token": v} for layer, v in dyn["experts_per_layer"].items()},
         keys="experts_per_token", title="top-p: mean experts per token in each MoE layer")

@@ -1,6 +1,8 @@
 """Markdown results page from the JSON files that ``python -m moe_lite run`` writes.
 
     python -m moe_lite report results/ --out docs/results.md
+    python -m moe_lite report docs/results/quick --intro docs/results-intro.md \
+        --figures docs/results/figures --out docs/results.md
 
 Every table comes from a run's JSON, with the command that reproduces it, the size, device, data
 source and wall time, so the page never holds a number that no run produced.
@@ -8,10 +10,12 @@ source and wall time, so the page never holds a number that no run produced.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-EXPERIMENT_ORDER = ("vimoe", "dynamic", "zoo", "balance", "adapt", "dit")
+EXPERIMENT_ORDER = ("race", "dit", "dynamic", "vimoe-grid", "vimoe", "adapt", "zoo", "balance")
 
 
 def _cell(value: Any) -> str:
@@ -39,15 +43,20 @@ def command_for(record: Dict[str, Any]) -> str:
     seeds = record.get("config", {}).get("seeds") or [0]
     data = " --data embedded" if record.get("data_source") == "embedded subset" else ""
     seed_part = "" if list(seeds) == [0] else " --seeds " + " ".join(str(s) for s in seeds)
-    return f"python -m moe_lite run {record['name']} --size {record['size']}{data}{seed_part}"
+    selected = record.get("config", {}).get("selected_variants")
+    variant_part = " --variants " + " ".join(shlex.quote(v) for v in selected) if selected else ""
+    return f"python -m moe_lite run {record['name']} --size {record['size']}{data}{seed_part}{variant_part}"
 
 
-def section(record: Dict[str, Any]) -> str:
-    """One experiment's markdown: heading, reproduction line, run facts, tables, notes."""
+def section(record: Dict[str, Any], figures: Optional[Mapping[str, str]] = None) -> str:
+    """One experiment's markdown: heading, reproduction line, run facts, figures (name -> link),
+    tables, notes."""
     out = [f"## {record['name']} ({record['size']})\n",
            f"`{command_for(record)}`\n",
            f"Device: {record.get('device')}; data: {record.get('data_source')}; "
            f"wall time: {record.get('wall_time_s', 0):.0f} s.\n"]
+    for name, link in (figures or {}).items():
+        out.append(f"![{record['name']}: {name}]({link})\n")
     for title, table in (record.get("tables") or {}).items():
         out.append(f"**{title}**\n")
         if isinstance(table, list):
@@ -66,20 +75,75 @@ def load_records(folder: str | Path) -> List[Dict[str, Any]]:
                   key=lambda r: (order.get(r["name"], len(order)), r["name"]))
 
 
-def render(records: Iterable[Dict[str, Any]], title: str = "moe_lite: measured results") -> str:
+def render(records: Iterable[Dict[str, Any]], title: str = "moe_lite: measured results",
+           intro: Optional[str] = None, figures: Optional[Mapping[str, Mapping[str, str]]] = None) -> str:
+    """The page: ``intro`` (markdown, e.g. the findings written from these tables) or a title, then
+    a section per record; ``figures``: experiment -> {figure name: link}."""
     records = list(records)
-    head = [f"# {title}\n",
+    head = [intro.rstrip() + "\n" if intro else f"# {title}\n",
             "Every table below was produced by the command above it (JSON and HTML reports in the "
             "output folder). Generation metrics are a Fréchet distance on the features of moe_lite's "
             "own Fashion-MNIST classifier (`fd_fmnist_classifier`), not Inception FID.\n"]
     if not records:
         head.append("_No results found._\n")
-    return "\n".join(head + [section(r) for r in records])
+    figures = figures or {}
+    return "\n".join(head + [section(r, figures.get(r["name"])) for r in records])
 
 
-def write_report(folder: str | Path, out: str | Path | None = None) -> str:
-    text = render(load_records(folder))
+def write_report(folder: str | Path, out: str | Path | None = None, intro: str | Path | None = None,
+                 figures: str | Path | None = None, figure_format: str = "svg") -> str:
+    """Render the page from ``folder``'s JSON files; optionally prepend the markdown file ``intro``
+    and draw each experiment's summary figures into the folder ``figures`` (links are relative to
+    ``out``)."""
+    records = load_records(folder)
+    links: Dict[str, Dict[str, str]] = {}
+    if figures is not None:
+        from .figures import write_figures
+
+        base = Path(out).parent if out is not None else Path.cwd()
+        for record in records:
+            paths = write_figures(record, figures, fmt=figure_format)
+            links[record["name"]] = {name: Path(os.path.relpath(path, base)).as_posix() for name, path in paths.items()}
+    text = render(records, intro=Path(intro).read_text() if intro is not None else None, figures=links)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
     return text
+
+
+def published(name: str, size: str = "quick", root: str | Path | None = None) -> Dict[str, Any]:
+    """The published result of experiment ``name`` (``docs/results/<size>/<name>.json`` of the
+    repository), as the results page shows it: notebooks quote these numbers.
+
+    Raises ``FileNotFoundError`` (saying how to make the file) when the repository's ``docs`` folder
+    is not there, e.g. in a pip-installed copy.
+    """
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    path = root / "docs" / "results" / size / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: published results live in the repository's docs/results/; "
+                                f"make your own with: python -m moe_lite run {name} --size {size} --out results/")
+    return json.loads(path.read_text())
+
+
+class Markdown(str):
+    """A string that Jupyter renders as markdown (and prints as itself everywhere else)."""
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
+def show_published(name: str, tables: Optional[Sequence[str]] = None, size: str = "quick") -> Markdown:
+    """The published tables of ``name`` (all, or those whose titles start with one of ``tables``)
+    with the command that produced them, as markdown that a notebook cell renders as tables."""
+    record = published(name, size)
+    chosen = {t: v for t, v in record["tables"].items()
+              if tables is None or any(t.startswith(prefix) for prefix in tables)}
+    if not chosen:
+        raise ValueError(f"{name} has no published table starting with {list(tables or [])}; "
+                         f"its tables: {list(record['tables'])}")
+    parts = [f"Published run: `{command_for(record)}` ({record.get('device')}, "
+             f"wall time {record.get('wall_time_s', 0):.0f} s)\n"]
+    for title, rows in chosen.items():
+        parts += [f"**{title}**\n", markdown_table(rows) if isinstance(rows, list) else str(rows)]
+    return Markdown("\n".join(parts))

@@ -12,8 +12,8 @@ from .core import ExperimentResult, RunContext, Timer, mean_std
 SIZES: Dict[str, ClassifySize] = {
     "smoke": ClassifySize(n_per_class=12, test_per_class=6, epochs=1, batch_size=40,
                           model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
-    "quick": ClassifySize(n_per_class=300, test_per_class=100, epochs=8, batch_size=100, lr=3e-3,
-                          time_budget_s=20),
+    "quick": ClassifySize(n_per_class=300, test_per_class=100, epochs=1, max_steps=120, eval_every=40, batch_size=100,
+                          lr=3e-3, augment=False),
     "full": ClassifySize(n_per_class=None, test_per_class=None, epochs=15, batch_size=256, lr=1e-3,
                          model={"dim": 128, "depth": 6, "heads": 4, "mlp_hidden": 256}),
 }
@@ -69,7 +69,8 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
                               notes=[description])
     base = backbone(ctx.size)
     # record the balance statistics often enough for a curve (a smoke run has only 3 steps)
-    every = max(1, min(5, spec.epochs * -(-len(train) // spec.batch_size) // 10))
+    steps = spec.max_steps or spec.epochs * -(-len(train) // spec.batch_size)
+    every = max(1, min(5, steps // 10))
     with Timer() as timer:
         rows, curves = [], {}
         for entry in chosen:
@@ -87,23 +88,35 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
                     curves[entry] = tracker.records
                     result.models[entry] = record.model
             layer_stats = stats_runs[0]
-            mean_over_layers = layer_mean(layer_stats, ("experts_per_token", "load_cv", "max_vio",
-                                                        "dropped_fraction", "dead_experts", "combination_usage"))
+            keys = ("experts_per_token", "load_cv", "max_vio", "dropped_fraction", "dead_experts",
+                    "combination_usage")
+            # mean over MoE layers per seed, then mean and std over seeds
+            per_seed = [layer_mean(stats, keys) for stats in stats_runs]
+            routing_seeds = {k: mean_std([s[k] for s in per_seed]) for k in keys if all(k in s for s in per_seed)}
             acc = mean_std(accs)
-            result.metrics[entry] = {"accuracy": acc, "routing": layer_stats, "routing_mean": mean_over_layers}
-            rows.append({name if name != "zoo" else "router": entry, "accuracy": round(acc["mean"], 4),
-                         "accuracy_std": round(acc["std"], 4), "seeds": acc["n"],
-                         **{k: round(v, 3) for k, v in mean_over_layers.items()}})
+            result.metrics[entry] = {"accuracy": acc, "routing": layer_stats,
+                                     "routing_mean": {k: v["mean"] for k, v in routing_seeds.items()},
+                                     "routing_seeds": routing_seeds}
+            rows.append({name if name != "zoo" else "router": entry, "accuracy": _pm(acc, 4), "seeds": acc["n"],
+                         **{k: _pm(v, 3) for k, v in routing_seeds.items()}})
         result.tables["comparison (test set; routing statistics = mean over MoE layers)"] = rows
         result.metrics["curves"] = curves
         result.figures["balance during training"] = viz.stat_curves(
             curves, x="step", keys=("load_cv", "max_vio", "combination_usage"))
         result.figures["accuracy"] = viz.tradeoff_curve(
-            [r.get("experts_per_token", 0.0) for r in rows], [r["accuracy"] for r in rows],
+            [result.metrics[c]["routing_mean"].get("experts_per_token", 0.0) for c in chosen],
+            [result.metrics[c]["accuracy"]["mean"] for c in chosen],
             labels=chosen, x_title="mean experts per token (compute)", y_title="test accuracy",
             title=f"{name}: accuracy against compute")
     result.wall_time_s = timer.seconds
     return result
+
+
+def _pm(summary: Dict[str, Any], digits: int) -> Any:
+    """``mean ± std`` over seeds (a plain rounded number for one seed)."""
+    if summary["n"] > 1:
+        return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+    return round(summary["mean"], digits)
 
 
 def run_zoo(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",

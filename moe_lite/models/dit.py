@@ -28,6 +28,7 @@ Axis legend: b batch, l tokens (patches), d width, e experts, p patch size, c ch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
@@ -64,6 +65,7 @@ __all__ = [
     "race_thresholds",
     "set_race_threshold",
     "shifted_race_threshold",
+    "use_ema_threshold",
     "ExpertUsage",
     "track_experts",
     "count_parameters",
@@ -101,6 +103,9 @@ class DiTConfig:
         k: mean experts per token (an integer for token choice).
         expert_hidden: expert MLP width; ``None`` -> ``round(mlp_hidden / k)``.
         ema_decay: decay of Race's EMA eval threshold.
+        ema_threshold: Race routers select by their EMA threshold at inference (the paper's
+            "learnable threshold"); False: the same per-group top-K as in training, over the
+            inference batch (Table 3's rows before "+ Learnable Threshold").
         per_layer_reg: per-layer regularization: every gate is an ``MLPGate`` with a target head
             predicting the patchified velocity (``target_dim = p*p*C``); weight ``per_layer_weight``.
         router_similarity, balance_weight: weights of the MoE aux losses ``router_similarity`` and
@@ -124,6 +129,7 @@ class DiTConfig:
     k: float = 2
     expert_hidden: Optional[int] = None
     ema_decay: float = 0.95
+    ema_threshold: bool = True
     per_layer_reg: bool = False
     per_layer_weight: float = 0.1
     router_similarity: float = 0.0
@@ -214,15 +220,15 @@ def build_router(config: DiTConfig) -> nn.Module:
     if routing == "expert_choice":
         return ExpertChoice(config.k, gating=config.gating)
     if routing in RACE_CANDIDATES:
-        # eval_threshold for every variant (the router's default is BLE only): the paper's full recipe
-        # (Table 6) includes the learned threshold, and a per-group top-K over BL or BE at eval would
-        # make a sample's output depend on the rest of its batch (and on guidance batching)
+        # eval_threshold for every variant by default (the router's default is BLE only): the paper's
+        # full recipe (Table 6) includes the learned threshold, and a per-group top-K over BL or BE at
+        # eval would make a sample's output depend on the rest of its batch (and on guidance batching)
         return Race(
             config.k,
             ema_decay=config.ema_decay,
             candidates=RACE_CANDIDATES[routing],
             gating=config.gating,
-            eval_threshold=True,
+            eval_threshold=config.ema_threshold,
         )
     raise ValueError(f"moe_routing {routing!r} has no router (dense model?)")
 
@@ -500,6 +506,19 @@ def race_routers(model: nn.Module) -> List[Tuple[str, Race]]:
 def race_thresholds(model: nn.Module) -> Dict[str, float]:
     """``{router name: its eval threshold}`` (a snapshot, to restore with :func:`set_race_threshold`)."""
     return {name: float(router.threshold) for name, router in race_routers(model)}
+
+
+def use_ema_threshold(model: nn.Module, enabled: bool = True) -> None:
+    """Switch every Race router between its EMA threshold (``enabled``) and a per-group top-K over
+    the batch at inference, and record the choice in ``model.config.ema_threshold``.
+
+    Training is the same either way (the EMA is tracked regardless), so one trained model can be
+    evaluated both ways: a paired ablation of the paper's "+ Learnable Threshold" row.
+    """
+    for _, router in race_routers(model):
+        router.eval_threshold = bool(enabled)
+    if isinstance(getattr(model, "config", None), DiTConfig):
+        model.config = dataclasses.replace(model.config, ema_threshold=bool(enabled))
 
 
 def set_race_threshold(
