@@ -43,3 +43,24 @@ def test_structure(path):
     assert any("NBVAL_CHECK_OUTPUT" in c for c in code), "at least one checked cell"
     last = "".join(cells[-1]["source"]).lower()
     assert "what you saw" in last or "exercises" in last, "ends with what you saw and exercises"
+
+
+PUBLISHED_CALL = re.compile(r"show_published\((.*)\)\s*$", re.S)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_quoted_results_are_the_published_ones(path):
+    """A cell that shows published results stores exactly what ``docs/results`` holds now, so a
+    notebook never quotes a number the results page does not (re-run ``notebooks/execute.py``
+    after publishing new results)."""
+    from moe_lite.experiments.report import show_published
+
+    for i, cell in enumerate(_load(path)["cells"]):
+        source = "".join(cell["source"]).strip()
+        match = PUBLISHED_CALL.search(source.splitlines()[-1]) if cell["cell_type"] == "code" and source else None
+        if match is None:
+            continue
+        expected = eval(f"show_published({match.group(1)})", {"show_published": show_published})
+        stored = [o for o in cell.get("outputs", []) if "text/markdown" in o.get("data", {})]
+        assert stored, f"cell {i} shows published results but stores no output"
+        assert "".join(stored[0]["data"]["text/markdown"]) == str(expected), f"cell {i} is stale"

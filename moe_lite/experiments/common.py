@@ -23,7 +23,8 @@ class ClassifySize:
     ``epochs``, ``batch_size``, ``lr``; ``max_steps``: a fixed number of optimizer steps instead of
     ``epochs`` (quick runs use it, so a run gives the same numbers on any machine);
     ``eval_every``: evaluate (and checkpoint) every this many steps (None: after every epoch, which
-    on a small training set is often); ``time_budget_s``: a wall-time cap (stops early on a slow machine, so results then depend on speed);
+    on a small training set is often); ``time_budget_s``: a wall-time cap (stops early on a slow
+    machine, so results then depend on its speed);
     ``model``: ViTConfig field overrides (e.g. a tinier model for smoke); ``augment``: random
     shifts and mirrors in training (:class:`moe_lite.train.ClassificationTask`).
     """

@@ -200,6 +200,14 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def format_mean_std(summary: Dict[str, Any], digits: int) -> Any:
+    """A table cell from :func:`mean_std`: ``"mean ± std"`` over several seeds, the rounded mean
+    (a number) for one."""
+    if summary["n"] > 1:
+        return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+    return round(summary["mean"], digits)
+
+
 def mean_std(values: Sequence[float]) -> Dict[str, float]:
     """Mean and (sample) standard deviation over seeds; std is 0 for a single value."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)

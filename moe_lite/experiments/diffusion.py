@@ -19,7 +19,7 @@ from ..models.diffusion import DiffusionTask, sample, to_unit_range
 from ..train import TrainConfig
 from .. import viz
 from .common import StepStats, cached_fit, layer_mean, loaders, seeded_build
-from .core import ExperimentResult, RunContext, Timer, mean_std
+from .core import ExperimentResult, RunContext, Timer, format_mean_std, mean_std
 
 
 @dataclass(frozen=True)
@@ -161,8 +161,10 @@ def run_dit(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None
                               notes=["fd_fmnist_classifier is a Fréchet distance on the features of moe_lite's own "
                                      "Fashion-MNIST classifier, not Inception FID.",
                                      "Variants that differ only in the EMA threshold share their training run "
-                                     "(the threshold acts at inference only); their val_loss is the trained "
-                                     "model's, measured with the threshold."])
+                                     "(the threshold acts at inference only). val_loss, max_vio and "
+                                     "combination_usage come from the last evaluation in training, which uses "
+                                     "the threshold, so those rows share them too; the generation metrics are "
+                                     "measured with each variant's own inference rule."])
     with Timer() as timer:
         classifier = _classifier(ctx, train_all, test_all)
         reference = test_all.x
@@ -245,10 +247,7 @@ def _row(variant: str, entry: Dict[str, Any]) -> Dict[str, Any]:
     def pm(key: str, digits: int) -> Any:
         if key not in entry:
             return "dense" if key == "sampling_experts_per_token" else "-"
-        value = entry[key]
-        if value["n"] > 1:
-            return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
-        return round(value["mean"], digits)
+        return format_mean_std(entry[key], digits)
 
     return {"variant": variant, "fd_fmnist_classifier": pm("fd_fmnist_classifier", 2),
             "conditional_accuracy": pm("conditional_accuracy", 3), "max_vio": pm("max_vio", 2),

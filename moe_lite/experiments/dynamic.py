@@ -10,7 +10,7 @@ from ..data import CLASS_NAMES
 from ..models.vit import ViT, ViTConfig, dynamic_config, experts_per_sample, set_threshold, top2_config
 from .. import viz
 from .common import ClassifySize, predict, routing_table, seeded_build, train_classifier
-from .core import Dataset, ExperimentResult, RunContext, Timer, mean_std
+from .core import Dataset, ExperimentResult, RunContext, Timer, format_mean_std, mean_std
 from .vimoe import SIZES as VIT_SIZES
 
 SIZES: Dict[str, ClassifySize] = VIT_SIZES
@@ -102,15 +102,17 @@ def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = 
                 "experts_by_class": [float(first["experts"][test.y == c].mean()) for c in range(10)],
                 "accuracy_by_class": [float(first["correct"][test.y == c].mean()) for c in range(10)],
             }
-            rows.append({"model": name, "accuracy": _pm(summary["accuracy"], 4),
-                         "experts_per_token": _pm(summary["experts_per_token"], 3), "seeds": len(per_seed),
-                         **{f"experts {k}": _pm(v, 3) for k, v in layers.items()}})
-            hardness_rows.append({"model": name,
-                                  "spearman(sample loss, experts)": _pm(summary["loss_experts_spearman"], 3),
-                                  "experts, correct": _pm(summary["experts_correct"], 3),
-                                  "experts, wrong": _pm(summary["experts_wrong"], 3),
-                                  "spearman(class error, class experts)": _pm(summary["class_error_experts_spearman"], 3),
-                                  "seeds": len(per_seed)})
+            rows.append({"model": name, "accuracy": format_mean_std(summary["accuracy"], 4),
+                         "experts_per_token": format_mean_std(summary["experts_per_token"], 3),
+                         "seeds": len(per_seed),
+                         **{f"experts {k}": format_mean_std(v, 3) for k, v in layers.items()}})
+            hardness_rows.append({
+                "model": name,
+                "spearman(sample loss, experts)": format_mean_std(summary["loss_experts_spearman"], 3),
+                "experts, correct": format_mean_std(summary["experts_correct"], 3),
+                "experts, wrong": format_mean_std(summary["experts_wrong"], 3),
+                "spearman(class error, class experts)": format_mean_std(summary["class_error_experts_spearman"], 3),
+                "seeds": len(per_seed)})
         result.tables["top-p vs top-2"] = rows
         result.tables["do harder inputs take more experts?"] = hardness_rows
         _class_table_and_figures(result, test)
@@ -133,13 +135,6 @@ def _difficulty(profile: Dict[str, torch.Tensor], test: Dataset) -> Dict[str, fl
             "experts_wrong": float(experts[wrong].mean()) if wrong.any() else float("nan"),
             "class_error_experts_spearman": spearman(class_error, class_experts),
             "layers": {k: float(v.mean()) for k, v in profile["layers"].items()}}
-
-
-def _pm(summary: Dict[str, float], digits: int):
-    """``mean ± std`` over seeds (a plain rounded number for one seed)."""
-    if summary["n"] > 1:
-        return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
-    return round(summary["mean"], digits)
 
 
 def _class_table_and_figures(result: ExperimentResult, test: Dataset) -> None:

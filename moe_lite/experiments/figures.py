@@ -67,7 +67,8 @@ def grid_figures(record: Record) -> Dict[str, go.Figure]:
                              error_y={"type": "data", "array": [cell[v]["accuracy"]["std"] for v in variants]}))
     low = min(cell[v]["accuracy"]["mean"] for cell in cells.values() for v in variants)
     fig.update_layout(barmode="group", title="ViMoE: placement x shared expert x training-set size "
-                      "(mean ± std over seeds)", yaxis={"title": "test accuracy", "range": [max(0.0, low - 0.08), None]},
+                      "(mean ± std over seeds)",
+                      yaxis={"title": "test accuracy", "range": [max(0.0, low - 0.08), None]},
                       height=440, width=900, margin={"b": 140})
     return {"accuracy": fig}
 

@@ -10,15 +10,15 @@ from ..data import CLASS_NAMES, denormalize
 from ..models.vit import ViT, ViTConfig, count_parameters, dense_equivalent, patch_experts, vimoe_config
 from .. import viz
 from .common import ClassifySize, routing_by_class, routing_table, seeded_build, train_classifier
-from .core import ExperimentResult, RunContext, Timer, mean_std
+from .core import ExperimentResult, RunContext, Timer, format_mean_std, mean_std
 
 SIZES: Dict[str, ClassifySize] = {
     "smoke": ClassifySize(n_per_class=24, test_per_class=10, epochs=1, batch_size=60,
                           model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
     # A fixed 300 steps (about 1 minute on 2 CPU threads; the same numbers on any machine). Without
     # augmentation: at 400 steps, ViMoE reached 82.7% without it and 74.0% with it (seed 0).
-    "quick": ClassifySize(n_per_class=None, test_per_class=None, epochs=1, max_steps=300, eval_every=100, batch_size=128,
-                          lr=3e-3, augment=False),
+    "quick": ClassifySize(n_per_class=None, test_per_class=None, epochs=1, max_steps=300, eval_every=100,
+                          batch_size=128, lr=3e-3, augment=False),
     "full": ClassifySize(n_per_class=None, test_per_class=None, epochs=40, batch_size=256, lr=1e-3,
                          model={"dim": 192, "depth": 6, "heads": 6, "mlp_hidden": 384, "dropout": 0.1}),
 }
@@ -170,7 +170,8 @@ def run_vimoe_grid(size: Optional[str] = None, *, seeds: Optional[Sequence[int]]
         result.tables["accuracy by training-set size (mean ± std over seeds)"] = [
             {"variant": v, "placement": VARIANTS[v][0] if v in VARIANTS else "none (dense)",
              "shared": VARIANTS[v][1] if v in VARIANTS else "-",
-             **{f"acc, {cells[label]['train_images']} images": _pm(cells[label][v]["accuracy"]) for label in cells}}
+             **{f"acc, {cell['train_images']} images": format_mean_std(cell[v]["accuracy"], 4)
+                for cell in cells.values()}}
             for v in variants]
         result.tables["seed spread: shared expert vs none (std of accuracy, in points)"] = _spread_rows(cells, variants)
         result.tables["class specialisation per MoE layer (0 = class-blind)"] = _specialisation_rows(last, test, ctx)
@@ -182,10 +183,6 @@ def run_vimoe_grid(size: Optional[str] = None, *, seeds: Optional[Sequence[int]]
             title="ViMoE placement x shared expert, by training-set size")
     result.wall_time_s = timer.seconds
     return result
-
-
-def _pm(summary: Dict) -> str:
-    return f"{summary['mean']:.4f} ± {summary['std']:.4f}" if summary["n"] > 1 else f"{summary['mean']:.4f}"
 
 
 def _spread_rows(cells: Dict[str, Dict], variants: Sequence[str]):

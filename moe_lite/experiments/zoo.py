@@ -7,7 +7,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 from ..models.vit import ViT, ViTConfig
 from .. import viz
 from .common import ClassifySize, StepStats, layer_mean, seeded_build, train_classifier
-from .core import ExperimentResult, RunContext, Timer, mean_std
+from .core import ExperimentResult, RunContext, Timer, format_mean_std, mean_std
 
 SIZES: Dict[str, ClassifySize] = {
     "smoke": ClassifySize(n_per_class=12, test_per_class=6, epochs=1, batch_size=40,
@@ -97,8 +97,9 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
             result.metrics[entry] = {"accuracy": acc, "routing": layer_stats,
                                      "routing_mean": {k: v["mean"] for k, v in routing_seeds.items()},
                                      "routing_seeds": routing_seeds}
-            rows.append({name if name != "zoo" else "router": entry, "accuracy": _pm(acc, 4), "seeds": acc["n"],
-                         **{k: _pm(v, 3) for k, v in routing_seeds.items()}})
+            rows.append({name if name != "zoo" else "router": entry, "accuracy": format_mean_std(acc, 4),
+                         "seeds": acc["n"],
+                         **{k: format_mean_std(v, 3) for k, v in routing_seeds.items()}})
         result.tables["comparison (test set; routing statistics = mean over MoE layers)"] = rows
         result.metrics["curves"] = curves
         result.figures["balance during training"] = viz.stat_curves(
@@ -110,13 +111,6 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
             title=f"{name}: accuracy against compute")
     result.wall_time_s = timer.seconds
     return result
-
-
-def _pm(summary: Dict[str, Any], digits: int) -> Any:
-    """``mean ± std`` over seeds (a plain rounded number for one seed)."""
-    if summary["n"] > 1:
-        return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
-    return round(summary["mean"], digits)
 
 
 def run_zoo(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
