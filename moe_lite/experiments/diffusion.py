@@ -45,8 +45,8 @@ SIZES: Dict[str, DiffusionSize] = {
     "smoke": DiffusionSize(n_per_class=16, epochs=1, batch_size=40, lr=2e-3, time_budget_s=None,
                            samples_per_class=2, sample_steps=3, cfg_scale=2.0,
                            model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
-    # 500 steps of 64 images (3.2 epochs of the 10k subset): about 2 minutes per model on one CPU
-    # thread, so the Race study (12 trained variants x 3 seeds) fits in about 75 minutes
+    # 500 steps of 64 images (3.2 epochs of the 10k subset): about 2.3 minutes per model with one CPU
+    # thread (two runs sharing a 2-core CPU); the Race study (12 trained variants x 3 seeds) took 81 min
     "quick": DiffusionSize(n_per_class=None, epochs=1, max_steps=500, batch_size=64, lr=2e-3, time_budget_s=None,
                            samples_per_class=30, sample_steps=10, cfg_scale=2.0),
     "full": DiffusionSize(n_per_class=None, epochs=60, batch_size=256, lr=5e-4, time_budget_s=None,

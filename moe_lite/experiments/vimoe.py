@@ -15,7 +15,8 @@ from .core import ExperimentResult, RunContext, Timer, format_mean_std, mean_std
 SIZES: Dict[str, ClassifySize] = {
     "smoke": ClassifySize(n_per_class=24, test_per_class=10, epochs=1, batch_size=60,
                           model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
-    # A fixed 300 steps (about 1 minute on 2 CPU threads; the same numbers on any machine). Without
+    # A fixed 300 steps (the same numbers on any machine; about 1.2 min per model measured with one
+    # thread per run, two runs at a time on a 2-core CPU). Without
     # augmentation: at 400 steps, ViMoE reached 82.7% without it and 74.0% with it (seed 0).
     "quick": ClassifySize(n_per_class=None, test_per_class=None, epochs=1, max_steps=300, eval_every=100,
                           batch_size=128, lr=3e-3, augment=False),
