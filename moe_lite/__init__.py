@@ -1,5 +1,5 @@
 """moe_lite: every Mixture-of-Experts router and regularizer, small models, and notebooks to see them work."""
-from .routing import Routing, by_label, routing_summary
+from .routing import NonFiniteError, Routing, by_label, routing_summary
 from .experts import Experts, x_in_y
 from .layers import (
     FFN,
@@ -17,6 +17,6 @@ from .layers import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["Routing", "by_label", "routing_summary", "__version__"]
+__all__ = ["NonFiniteError", "Routing", "by_label", "routing_summary", "__version__"]
 __all__ += ["Experts", "x_in_y", "FFN", "LinearGate", "MLPGate", "MoE", "MoELayer", "SoftMoE"]
 __all__ += ["aux_loss", "aux_losses", "moe_layers", "routing_stats", "target_predictions", "update_biases"]

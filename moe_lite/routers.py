@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .routing import Routing
+from .routing import NonFiniteError, Routing
 
 __all__ = [
     "Router",
@@ -67,7 +67,7 @@ def check_logits(logits: Any) -> Tuple[int, int, int]:
     if b * l == 0 or e == 0:
         raise ValueError(f"logits must hold at least one token and one expert, got shape {tuple(logits.shape)}")
     if not bool(torch.isfinite(logits).all()):
-        raise ValueError(f"logits must be finite (no NaN or inf), shape {tuple(logits.shape)}")
+        raise NonFiniteError(f"logits must be finite (no NaN or inf), shape {tuple(logits.shape)}")
     return b, l, e
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "NonFiniteError",
     "Routing",
     "routing_summary",
     "combination_usage",
@@ -22,6 +23,15 @@ __all__ = [
     "load_cv",
     "by_label",
 ]
+
+
+class NonFiniteError(ValueError):
+    """A tensor inside the forward that must be finite holds NaN or inf.
+
+    Raised by routers and MoE layers on non-finite input. During training this almost always means the
+    model diverged, so the trainer turns it into its ``TrainingDiverged`` error (with the step); outside
+    training it is an ordinary ``ValueError``.
+    """
 
 
 @dataclass
