@@ -117,6 +117,11 @@ def test_every_study_record_has_figures_and_mean_std_over_seeds(smoke_records):
     assert list(race["tables"])[1].startswith("Table 2")  # the selection completes Table 2 only
     assert race["metrics"]["expert race"]["max_vio"]["n"] == 2
     assert race["config"]["selected_variants"] == ["race + per-layer reg", "race, balance loss", "expert race"]
+    # the real-vs-real FD at the same sample count stands under every FD table
+    floor = race["metrics"]["real_fd_floor"]
+    assert floor["draws"] == 3 and floor["num_samples"] == 20 and floor["mean"] > 0
+    for rows in race["tables"].values():
+        assert rows[-1]["variant"].startswith("real images (FD noise floor")
     grid = json.loads((smoke_records / "vimoe-grid.json").read_text())
     assert set(grid["metrics"]["cells"]) == {"8", "all"}
     dynamic = json.loads((smoke_records / "dynamic.json").read_text())

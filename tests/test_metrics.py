@@ -15,6 +15,7 @@ from moe_lite.metrics import (
     frechet_distance_from_stats,
     generation_metrics,
     get_feature_classifier,
+    real_fd_floor,
 )
 
 
@@ -108,6 +109,28 @@ def test_conditional_accuracy_and_generation_metrics():
     assert same[FD_METRIC] == pytest.approx(0.0, abs=1e-6) and same["conditional_accuracy"] == 1.0
     with pytest.raises(ValueError, match="labels"):
         generation_metrics(samples, asked[:3], reference, PixelArgmax())
+
+
+def test_real_fd_floor_matches_hand_draws():
+    pool = images_for(torch.arange(60) % 10, seed=2)
+    reference = images_for(torch.arange(40) % 10, seed=3)
+    floor = real_fd_floor(pool, reference, PixelArgmax(), num_samples=20, draws=3, seed=5)
+    # the same three draws by hand: randperm from one generator seeded 5
+    gen = torch.Generator().manual_seed(5)
+    ref_feats, _ = classifier_outputs(PixelArgmax(), reference)
+    by_hand = []
+    for _ in range(3):
+        feats, _ = classifier_outputs(PixelArgmax(), pool[torch.randperm(60, generator=gen)[:20]])
+        by_hand.append(frechet_distance(feats, ref_feats))
+    assert floor["mean"] == pytest.approx(sum(by_hand) / 3)
+    assert floor["min"] == pytest.approx(min(by_hand)) and floor["max"] == pytest.approx(max(by_hand))
+    assert floor["std"] > 0 and floor["draws"] == 3 and floor["num_samples"] == 20
+    # fewer samples per draw: a larger floor (the FD's small-sample bias), which is why it is printed
+    assert real_fd_floor(pool, reference, PixelArgmax(), num_samples=5, draws=3)["mean"] > floor["mean"]
+    with pytest.raises(ValueError, match="num_samples"):
+        real_fd_floor(pool, reference, PixelArgmax(), num_samples=61)
+    with pytest.raises(ValueError, match="draws"):
+        real_fd_floor(pool, reference, PixelArgmax(), num_samples=10, draws=0)
 
 
 # ---- the feature classifier and its cache ------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from ..data import CLASS_NAMES
 from ..models.dit import RACE_CANDIDATES, DiT, DiTConfig, track_experts, use_ema_threshold
 from ..models.diffusion import DiffusionTask, sample, to_unit_range
+from ..metrics import real_fd_floor
 from ..train import TrainConfig
 from .. import viz
 from .common import StepStats, cached_fit, layer_mean, loaders, seeded_build
@@ -168,6 +169,11 @@ def run_dit(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None
     with Timer() as timer:
         classifier = _classifier(ctx, train_all, test_all)
         reference = test_all.x
+        # Real training images against the same reference, at the generated sample count: the FD a
+        # perfect generator would get, printed beside every generated FD.
+        floor = real_fd_floor(train_all.x, reference, classifier, num_samples=10 * spec.samples_per_class,
+                              draws=3, seed=0)
+        result.metrics["real_fd_floor"] = floor
         rows, curves = [], {}
         for variant in variants:
             config = variant_config(variant, ctx.size)
@@ -219,11 +225,12 @@ def run_dit(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None
                     {f"t in bucket {b}": {"experts_per_token": float(v)} for b, v in
                      enumerate(gen["experts_by_timestep"])}, keys="experts_per_token",
                     title=f"{variant}: experts per token by diffusion timestep (0 = clean, 9 = noise)")
-        result.tables["generation (fd_fmnist_classifier: classifier-feature Fréchet distance, not FID)"] = rows
+        floor_row = _floor_row(floor)
+        result.tables["generation (fd_fmnist_classifier: classifier-feature Fréchet distance, not FID)"] = rows + [floor_row]
         by_name = {row["variant"]: row for row in rows}
         for title, names in STUDY_TABLES:
             if all(n in by_name for n in names):
-                result.tables[title] = [by_name[n] for n in names]
+                result.tables[title] = [by_name[n] for n in names] + [floor_row]
         result.metrics["curves"] = curves
         moe_curves = {k: v for k, v in curves.items() if v}
         if moe_curves:
@@ -255,6 +262,15 @@ def _row(variant: str, entry: Dict[str, Any]) -> Dict[str, Any]:
             "experts_per_token (sampling)": pm("sampling_experts_per_token", 2),
             "seeds": entry["fd_fmnist_classifier"]["n"], "steps": entry["steps"],
             "train_s": round(entry["train_time_s"]["mean"], 1)}
+
+
+def _floor_row(floor: Dict[str, float]) -> Dict[str, Any]:
+    """The table row of real images: the FD noise floor at this sample count (no other metric applies)."""
+    return {"variant": f"real images (FD noise floor, {int(floor['draws'])} draws)",
+            "fd_fmnist_classifier": format_mean_std({"mean": floor["mean"], "std": floor["std"],
+                                                     "n": int(floor["draws"])}, 2),
+            "conditional_accuracy": "-", "max_vio": "-", "combination_usage": "-", "val_loss": "-",
+            "experts_per_token (sampling)": "-", "seeds": "-", "steps": "-", "train_s": "-"}
 
 
 def _classifier(ctx: RunContext, train, test) -> torch.nn.Module:
