@@ -21,7 +21,8 @@ import torch
 from .experiments.core import SIZE_ENV, resolve_size
 from .train import pick_device
 
-#: Where the project lives (the Colab install cell and the badges point here).
+#: Where the project lives. The Colab install cell (which runs before moe_lite is installed, so it holds
+#: this URL as a literal) and the Colab/Binder badges must point here: tests/test_colab.py checks it.
 REPOSITORY = "https://github.com/moe-lite/moe_lite"
 
 
