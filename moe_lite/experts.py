@@ -46,14 +46,22 @@ Backends (``dispatch=``):
 The three fast backends share one fused autograd function (:class:`_ExpertMLP`): one gather of the
 token rows, two grouped matmuls, the activation, one ``index_add``; its backward gathers the incoming
 gradient with ``index_select`` (so a stride-0 gradient from a bare ``.sum().backward()`` is made
-contiguous before any grouped matmul sees it) and computes only the gradients that are needed. It is
-once-differentiable (no double backward). The ``"loop"`` backend is the plain-autograd reference that
+contiguous before any grouped matmul sees it) and computes only the gradients that are needed. When
+a graph of the gradient is asked for (``create_graph=True``: gradient penalties, Hessian-vector
+products), the backward instead re-runs the ``"loop"`` math with plain autograd on the saved inputs, so
+second derivatives are exact (and slower). The ``"loop"`` backend is the plain-autograd reference that
 tests compare it with.
+
+Precision: every backend runs in one compute dtype, :meth:`Experts.compute_dtype`: autocast's dtype when
+autocast is on for ``x``'s device (the rows, routing weights and expert weights are cast to it, with
+gradients flowing back to the float32 parameters in float32), else ``x``'s dtype, which must then be the
+weights' (a module converted with ``.to(torch.bfloat16)`` takes bf16 rows). The output has that dtype.
 
 Fine-grained experts: :func:`x_in_y` gives the "x-in-y" configuration of the Expert Race paper.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -62,7 +70,6 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "Experts",
@@ -140,6 +147,50 @@ def _act_backward(grad: Tensor, h_in: Tensor, activation: str, inplace: bool = F
     torch.mul(grad, F.silu(gate), out=g_up)
     torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=g_gate)
     return out
+
+
+def _loop_mlp(x, token, expert, weight, w_in, w_out, b_in, b_out, activation: str) -> Tensor:
+    """The ``"loop"`` backend (plain autograd, one MLP per expert): ``x [N, D]`` -> ``[N, D]``.
+
+    ``token``, ``expert``, ``weight``: ``[A]``; ``w_in [E, D, H_in]``, ``w_out [E, H, D]``, biases
+    ``[E, *]`` or None. Per-expert weights come from ``unbind``, never ``W[e]`` (see the module docstring).
+    Raises ValueError if an expert index lies outside ``[0, E)`` (found without an extra host sync: the
+    assignments the experts took must add up to ``A``).
+    """
+    num_experts = w_in.shape[0]
+    out = x.new_zeros(x.shape)
+    b_in = b_in.unbind(0) if b_in is not None else [None] * num_experts
+    b_out = b_out.unbind(0) if b_out is not None else [None] * num_experts
+    taken = 0
+    for e, (w1, w2, b1, b2) in enumerate(zip(w_in.unbind(0), w_out.unbind(0), b_in, b_out)):
+        sel = (expert == e).nonzero().squeeze(1)  # assignments of expert e (possibly none)
+        taken += sel.numel()
+        rows = token[sel]
+        h_in = x[rows] @ w1 if b1 is None else torch.addmm(b1, x[rows], w1)
+        y = _act(h_in, activation) @ w2
+        if b2 is not None:
+            y = y + b2
+        out = out.index_add(0, rows, y * weight[sel, None])
+    if taken != expert.numel():
+        raise ValueError(
+            f"Experts: expert indices must lie in [0, {num_experts}), "
+            f"{expert.numel() - taken} of {expert.numel()} assignments lie outside"
+        )
+    return out
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype of the autocast region active for ``device_type``, or None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _no_autocast(device_type: str):
+    """A context that turns autocast off for ``device_type`` (a no-op when it is off already)."""
+    if _autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 # ---- availability -----------------------------------------------------------------------------------
@@ -318,6 +369,9 @@ class _ExpertMLP(torch.autograd.Function):
     The routing weight multiplies the narrower of the two sides: ``(w_r * h) @ w_out`` when ``h <= d``
     (fine-grained experts), ``w_r * (h @ w_out)`` otherwise; the backward needs one more elementwise pass
     of that width for the weight's gradient.
+
+    All tensor inputs share one dtype (:meth:`Experts.forward` casts them) and autocast is off inside,
+    forward and backward: the ``out=`` matmuls must not see a second dtype.
     """
 
     @staticmethod
@@ -344,15 +398,38 @@ class _ExpertMLP(torch.autograd.Function):
             y = y_unweighted * w_col
             saved = y_unweighted  # dL/dw_r = <g_r, y_r before weighting>
         out = x.new_zeros(x.shape).index_add_(0, plan.src, y)
-        ctx.save_for_backward(xs, w_rows, h_in, h, saved, w_in, w_out, b_out)
+        # x, weight and b_in only serve a double backward (x and weight are inputs: no extra memory)
+        ctx.save_for_backward(xs, w_rows, h_in, h, saved, w_in, w_out, b_out, x, weight, b_in)
         ctx.plan, ctx.activation, ctx.num_tokens = plan, activation, x.shape[0]
         ctx.weight_on_hidden = weight_on_hidden
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
-        xs, w_rows, h_in, h, saved, w_in, w_out, b_out = ctx.saved_tensors
+        with _no_autocast(grad_out.device.type):
+            if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
+                return _ExpertMLP._differentiable_backward(ctx, grad_out)
+            return _ExpertMLP._fused_backward(ctx, grad_out)
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad_out):
+        """Gradients with a graph (for double backward): the loop math re-run with plain autograd."""
+        x, weight, b_in = ctx.saved_tensors[8:]
+        w_in, w_out, b_out = ctx.saved_tensors[5:8]
+        plan = ctx.plan
+        token, expert = plan.src[plan.row], plan.row_expert[plan.row]  # [A] each
+        # Fresh aliases: gradients w.r.t. them are partial derivatives (x may also reach the output through
+        # weight, e.g. via the gate; grad w.r.t. x itself would count that path twice), and they stay
+        # differentiable functions of the originals.
+        inputs = [None if t is None else t.view_as(t) for t in (x, weight, w_in, w_out, b_in, b_out)]
+        needed = [t for t, need in zip(inputs, ctx.needs_input_grad[:6]) if need]
+        out = _loop_mlp(inputs[0], token, expert, *inputs[1:], ctx.activation)
+        grads = iter(torch.autograd.grad(out, needed, grad_out, create_graph=True, allow_unused=True))
+        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:6]), None, None)
+
+    @staticmethod
+    def _fused_backward(ctx, grad_out):
+        xs, w_rows, h_in, h, saved, w_in, w_out, b_out = ctx.saved_tensors[:8]
         plan = ctx.plan
         need_x, need_w, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
         g_x = g_weight = g_w_in = g_w_out = g_b_in = g_b_out = None
@@ -484,16 +561,35 @@ class Experts(nn.Module):
             weight: float ``[A]``, multiplies the expert's output (gradient flows into it).
             dispatch: one of ``DISPATCHES`` (see the module docstring).
         Returns:
-            ``[N, D]``: ``y[n] = sum_{a: token[a]=n} weight[a] * expert_{expert[a]}(x[n])``, 0 for
-            tokens without assignment.
+            ``[N, D]`` in :meth:`compute_dtype`: ``y[n] = sum_{a: token[a]=n} weight[a] *
+            expert_{expert[a]}(x[n])``, 0 for tokens without assignment.
         """
         self._check(x, token, expert, weight, dispatch)
         token, expert = token.long(), expert.long()
-        if weight.dtype != x.dtype:
-            weight = weight.to(x.dtype)
+        dtype = self.compute_dtype(x)
+        x, weight = x.to(dtype), weight.to(dtype)  # .to is a no-op where the dtype already matches
+        params = [None if p is None else p.to(dtype) for p in (self.w_in, self.w_out, self.b_in, self.b_out)]
+        with _no_autocast(x.device.type):  # everything is in `dtype` now; see _ExpertMLP
+            return self._dispatch(x, token, expert, weight, params, dispatch)
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the experts run in for rows ``x``: autocast's when it is on for x's device (float64
+        rows excepted: autocast leaves them alone), else ``x.dtype``, which must equal the weights'."""
+        amp = _autocast_dtype(x.device.type)
+        if amp is not None and x.dtype != torch.float64:
+            return amp
+        if x.dtype != self.w_in.dtype:
+            raise ValueError(
+                f"Experts: x is {x.dtype} but the expert weights are {self.w_in.dtype}; convert the module "
+                f"(.to({x.dtype})) or run under torch.autocast"
+            )
+        return x.dtype
+
+    def _dispatch(self, x: Tensor, token: Tensor, expert: Tensor, weight: Tensor, params, dispatch: str) -> Tensor:
+        """Run backend ``dispatch`` (after :meth:`forward` cast everything to one dtype)."""
         if dispatch == "loop":
             self.last_dispatch = "loop"
-            return self._forward_loop(x, token, expert, weight)
+            return _loop_mlp(x, token, expert, weight, *params, self.activation)
         num_assign = token.numel()
         sorted_info = _sort_by_expert(token, expert, self.num_experts)
         if dispatch == "auto":
@@ -511,22 +607,7 @@ class Experts(nn.Module):
             dispatch = "sorted"  # documented fallback: misaligned widths, float64, A == 0, no op
         self.last_dispatch = dispatch
         plan = _make_plan(dispatch, token, expert, self.num_experts, sorted_info)
-        return _ExpertMLP.apply(x, weight, self.w_in, self.w_out, self.b_in, self.b_out, plan, self.activation)
-
-    def _forward_loop(self, x: Tensor, token: Tensor, expert: Tensor, weight: Tensor) -> Tensor:
-        """Reference backend: one plain-autograd MLP per expert (``unbind``, never ``W[e]``)."""
-        out = x.new_zeros(x.shape)
-        b_in = self.b_in.unbind(0) if self.b_in is not None else [None] * self.num_experts
-        b_out = self.b_out.unbind(0) if self.b_out is not None else [None] * self.num_experts
-        for e, (w1, w2, b1, b2) in enumerate(zip(self.w_in.unbind(0), self.w_out.unbind(0), b_in, b_out)):
-            sel = (expert == e).nonzero().squeeze(1)  # assignments of expert e (possibly none)
-            rows = token[sel]
-            h_in = x[rows] @ w1 if b1 is None else torch.addmm(b1, x[rows], w1)
-            y = _act(h_in, self.activation) @ w2
-            if b2 is not None:
-                y = y + b2
-            out = out.index_add(0, rows, y * weight[sel, None])
-        return out
+        return _ExpertMLP.apply(x, weight, *params, plan, self.activation)
 
     def _check(self, x: Tensor, token: Tensor, expert: Tensor, weight: Tensor, dispatch: str) -> None:
         if dispatch not in DISPATCHES:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import ACTIVATIONS, DISPATCHES, Experts, _act
-from .routing import Routing
+from .routing import NonFiniteError, Routing
 
 __all__ = [
     "FFN",
@@ -57,6 +57,10 @@ def _check_activation(owner: str, activation: str) -> None:
 
 
 def _check_input(owner: str, x: Tensor, dim: int) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{owner}: x must be a torch.Tensor [B, L, {dim}], got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{owner}: x must be a floating tensor [B, L, {dim}], got dtype {x.dtype}")
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(f"{owner}: x must be [B, L, {dim}], got shape {tuple(x.shape)}")
 
@@ -273,7 +277,8 @@ class SoftMoE(MoELayer):
 
     After a forward: ``dispatch_weights`` and ``combine_weights`` ``[B, L, E*S]``; ``aux_loss`` = zero
     tensor, ``aux_losses = {}``; ``routing = None`` (a soft mix has no discrete assignment; collectors
-    skip it).
+    skip it). Raises :class:`~moe_lite.routing.NonFiniteError` on NaN or inf in ``x`` (or in its own
+    parameters), as :class:`MoE`'s routers do.
     """
 
     def __init__(self, dim: int, hidden: int, num_experts: int, slots_per_expert: int = 1, activation: str = "gelu"):
@@ -295,6 +300,9 @@ class SoftMoE(MoELayer):
         _check_input("SoftMoE", x, self.dim)
         b, l, d = x.shape
         logits = self.scale * (F.normalize(x, dim=-1) @ F.normalize(self.phi, dim=-1).t())  # [B, L, E*S]
+        # Like MoE's routers (same host sync): NaN/inf in x, phi or scale always reaches the logits.
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteError(f"SoftMoE: non-finite logits from x {tuple(x.shape)} (NaN or inf in x, phi or scale)")
         dispatch = logits.softmax(dim=1)  # over tokens, per slot
         combine = logits.softmax(dim=2)  # over slots, per token
         slots = dispatch.transpose(1, 2) @ x  # [B, E*S, D]

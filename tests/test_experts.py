@@ -271,3 +271,136 @@ def test_x_in_y():
     for bad in [(3, 8, 512), (0, 8, 512), (9, 8, 512), (2, 8, 0), (2.0, 8, 512)]:
         with pytest.raises(ValueError):
             x_in_y(*bad)
+
+
+# ---- errors that the loop backend used to swallow ----------------------------------------------------
+@pytest.mark.parametrize("dispatch", BACKENDS)
+@pytest.mark.parametrize("bad", [4, -1])
+def test_expert_index_out_of_range_raises_on_every_backend(dispatch, bad):
+    """The loop used to drop an assignment to expert 4 of 4 (or -1) silently and return the rest."""
+    m = Experts(4, 8, 12)
+    with pytest.raises(ValueError, match=r"expert indices must lie in \[0, 4\)"):
+        m(torch.randn(3, 8), torch.tensor([0, 1, 2]), torch.tensor([0, 1, bad]), torch.ones(3), dispatch=dispatch)
+
+
+def test_x_dtype_must_match_the_weights_without_autocast():
+    m = Experts(4, 8, 12)
+    t = torch.tensor([0, 1])
+    for dispatch in ["loop", "padded"]:
+        with pytest.raises(ValueError, match=r"x is torch.bfloat16 but the expert weights are torch.float32"):
+            m(torch.randn(5, 8, dtype=torch.bfloat16), t, t, torch.ones(2), dispatch=dispatch)
+
+
+# ---- low precision: autocast and half-precision weights ------------------------------------------------
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by the GPU check)")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+HALF = [torch.bfloat16, torch.float16]
+
+
+def rel_err(a, b):
+    """``|a - b| / |b|`` in float64 (one number for a whole tensor: robust to single tiny entries)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def amp_case(device):
+    """An Experts layer whose widths (16, 32, 64) are 16-byte aligned in half precision (grouped_mm runs)."""
+    gen = torch.Generator().manual_seed(10)
+    m = Experts(6, 16, 32, "swiglu", bias=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    x = torch.randn(24, 16, generator=gen)
+    token = torch.arange(24).repeat_interleave(2)
+    expert = torch.randint(0, 6, (48,), generator=gen)
+    weight = torch.rand(48, generator=gen)
+    coef = torch.randn(24, 16, generator=gen)
+    return m.to(device), x.to(device), token.to(device), expert.to(device), weight.to(device), coef.to(device)
+
+
+def grads_of(m, x, token, expert, weight, coef, dispatch, autocast_dtype=None):
+    """Output and gradients (x, weight, parameters), optionally under autocast on x's device."""
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        y = m(x, token, expert, weight, dispatch=dispatch)
+    loss = (y.float() * coef).sum()
+    return y, torch.autograd.grad(loss, [x, weight, *m.parameters()])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("x_dtype", ["float32", "autocast"])  # fp32 rows (after a LayerNorm) or half rows
+@pytest.mark.parametrize("dispatch", BACKENDS)
+def test_autocast_matches_float32_loop(device, dtype, x_dtype, dispatch):
+    """Under autocast every backend computes in the autocast dtype; fp32 parameters get fp32 gradients."""
+    m, x, token, expert, weight, coef = amp_case(device)
+    y_ref, g_ref = grads_of(m, x, token, expert, weight, coef, "loop")
+    if x_dtype == "autocast":
+        x = x.to(dtype)  # what an nn.Linear under autocast hands over
+    y, grads = grads_of(m, x, token, expert, weight, coef, dispatch, autocast_dtype=dtype)
+    assert y.dtype == dtype and y.device == y_ref.device
+    if dispatch == "grouped_mm":
+        assert m.last_dispatch == "grouped_mm"
+    assert rel_err(y, y_ref) < 2e-2
+    names = ["x", "weight"] + [n for n, _ in m.named_parameters()]
+    for name, g, g_r, leaf in zip(names, grads, g_ref, [x, weight, *m.parameters()]):
+        assert g.dtype == leaf.dtype, name
+        assert rel_err(g, g_r) < 3e-2, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dispatch", BACKENDS)
+def test_half_precision_weights_match_float32_loop(device, dtype, dispatch):
+    """A module converted with ``.to(dtype)`` and inputs of that dtype, no autocast."""
+    m, x, token, expert, weight, coef = amp_case(device)
+    y_ref, g_ref = grads_of(m, x, token, expert, weight, coef, "loop")
+    m = m.to(dtype)
+    y, grads = grads_of(m, x.to(dtype), token, expert, weight.to(dtype), coef, dispatch)
+    assert y.dtype == dtype
+    assert rel_err(y, y_ref) < 2e-2
+    for g, g_r in zip(grads, g_ref):
+        assert g.dtype == dtype and rel_err(g, g_r) < 3e-2
+
+
+# ---- double backward ------------------------------------------------------------------------------------
+def penalty_grads(m, gate, x, token, expert, dispatch):
+    """Gradient penalty ``|d sum(y) / dx|^2`` and its gradients; the weights depend on x like a router's."""
+    x = x.detach().requires_grad_()
+    weight = gate(x).softmax(-1)[token, expert]
+    y = m(x, token, expert, weight, dispatch=dispatch)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)  # constant (stride-0) incoming gradient
+    penalty = g.pow(2).sum()
+    return penalty, torch.autograd.grad(penalty, [x, *m.parameters(), *gate.parameters()])
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "grouped_mm", "padded", "auto"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_double_backward_matches_loop(dispatch, activation):
+    """The fused backward used to be silently treated as constant: a wrong (tiny) second derivative."""
+    torch.manual_seed(11)
+    m = Experts(5, 8, 16, activation, bias=True)
+    gate = torch.nn.Linear(8, 5)
+    x, token, expert, _ = small_case(dim=8)
+    p_ref, g_ref = penalty_grads(m, gate, x, token, expert, "loop")
+    p, grads = penalty_grads(m, gate, x, token, expert, dispatch)
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+    for g, g_r in zip(grads, g_ref):
+        torch.testing.assert_close(g, g_r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "padded"])
+def test_gradgradcheck(dispatch):
+    torch.manual_seed(12)
+    m = Experts(5, 4, 6, "gelu", bias=True).double()
+    x, token, expert, weight = small_case(dim=4)
+    x = x.double().requires_grad_()
+    weight = weight.double().requires_grad_()
+
+    def f(x, weight, w_in, w_out, b_in, b_out):
+        params = {"w_in": w_in, "w_out": w_out, "b_in": b_in, "b_out": b_out}
+        return torch.func.functional_call(m, params, (x, token, expert, weight), {"dispatch": dispatch})
+
+    inputs = (x, weight, *(p.detach().requires_grad_() for p in m.parameters()))
+    assert torch.autograd.gradgradcheck(f, inputs)

@@ -41,8 +41,8 @@ class LocalTopK(nn.Module):
         w, idx = logits.reshape(-1, e).softmax(-1).topk(self.k, dim=-1)
         if self.renormalize:
             w = w / w.sum(-1, keepdim=True)
-        token = torch.arange(b * l).repeat_interleave(self.k)
-        keep = ~torch.isin(token, self.drop)
+        token = torch.arange(b * l, device=logits.device).repeat_interleave(self.k)
+        keep = ~torch.isin(token, self.drop.to(logits.device))
         return Routing(logits, token[keep], idx.reshape(-1)[keep], w.reshape(-1)[keep], e)
 
 
@@ -299,6 +299,110 @@ def test_soft_moe_weights_shape_grads_and_reference():
         assert t.grad is not None and t.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="slots_per_expert"):
         SoftMoE(8, 16, 3, slots_per_expert=0)
+
+
+# ---- bad inputs -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda: MoE(8, 16, 4, LocalTopK(2)), lambda: SoftMoE(8, 16, 4)], ids=["MoE", "SoftMoE"])
+def test_x_of_the_wrong_type_is_named(make):
+    layer = make()
+    owner = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"{owner}: x must be a floating.*torch.int64"):
+        layer(torch.randint(0, 5, (2, 3, 8)))
+    with pytest.raises(ValueError, match=rf"{owner}: x must be a torch.Tensor.*list"):
+        layer([[[1.0] * 8]])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_soft_moe_rejects_non_finite_input_like_moe(bad):
+    """MoE's router raises NonFiniteError on NaN input; SoftMoE used to return NaN silently."""
+    from moe_lite.routing import NonFiniteError
+
+    x = torch.randn(2, 3, 8)
+    x[1, 2, 0] = bad
+    with pytest.raises(NonFiniteError, match="SoftMoE"):
+        SoftMoE(8, 16, 4)(x)
+    layer = SoftMoE(8, 16, 4)
+    with torch.no_grad():
+        layer.phi[0, 0] = bad  # a diverged parameter: the trainer must see it too
+    with pytest.raises(NonFiniteError, match="SoftMoE"):
+        layer(torch.randn(2, 3, 8))
+
+
+# ---- low precision ---------------------------------------------------------------------------------------
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by the GPU check)")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+HALF = [torch.bfloat16, torch.float16]
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def out_and_grads(layer, x, autocast_dtype=None):
+    """Output and gradients w.r.t. x and every parameter, optionally under autocast on x's device."""
+    x = x.detach().requires_grad_()
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        y = layer(x)
+    coef = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device)
+    grads = torch.autograd.grad((y.float() * coef).sum(), [x, *layer.parameters()], allow_unused=True)
+    return y, grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dispatch", ["sorted", "grouped_mm", "padded", "auto"])
+def test_moe_under_autocast(device, dtype, dispatch):
+    """The issue's reproducer: half rows from an nn.Linear under autocast used to crash every fast backend."""
+    torch.manual_seed(20)
+    proj = nn.Linear(32, 32).to(device)
+    layer = MoE(32, 64, 8, LocalTopK(2), num_shared=1, bias=True, dispatch=dispatch).to(device)
+    x = torch.randn(4, 10, 32, device=device)
+    with torch.autocast(device, dtype=dtype):
+        h = proj(x)
+    assert h.dtype == dtype
+    layer.dispatch = "loop"
+    y_ref, g_ref = out_and_grads(layer, h, dtype)
+    expert_ref = layer.routing.expert
+    layer.dispatch = dispatch
+    y, grads = out_and_grads(layer, h, dtype)
+    assert torch.equal(layer.routing.expert, expert_ref)  # same gate, same routing
+    assert y.dtype == dtype and rel_err(y, y_ref) < 2e-2
+    for (name, p), g, g_r in zip([("x", h), *layer.named_parameters()], grads, g_ref):
+        assert g.dtype == p.dtype and rel_err(g, g_r) < 3e-2, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("x_dtype", ["float32", "half"])
+def test_soft_moe_under_autocast_matches_float32(device, dtype, x_dtype):
+    torch.manual_seed(21)
+    layer = SoftMoE(32, 64, 4, slots_per_expert=2).to(device)
+    x = torch.randn(4, 10, 32, device=device)
+    y_ref, g_ref = out_and_grads(layer, x)
+    x = x if x_dtype == "float32" else x.to(dtype)
+    y, grads = out_and_grads(layer, x, dtype)
+    assert y.dtype == dtype and rel_err(y, y_ref) < 2e-2
+    for (name, p), g, g_r in zip([("x", x), *layer.named_parameters()], grads, g_ref):
+        assert g.dtype == p.dtype and rel_err(g, g_r) < 3e-2, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_layers(device, dtype):
+    """Modules converted with ``.to(dtype)`` and inputs of that dtype, no autocast."""
+    torch.manual_seed(22)
+    x = torch.randn(4, 10, 32, device=device)
+    soft = SoftMoE(32, 64, 4, slots_per_expert=2).to(device)
+    y_ref = soft(x)
+    y = soft.to(dtype)(x.to(dtype))
+    assert y.dtype == dtype and rel_err(y, y_ref) < 2e-2
+    moe = MoE(32, 64, 8, LocalTopK(2), dispatch="loop").to(device).to(dtype)
+    y_ref = moe(x.to(dtype))
+    for dispatch in ["sorted", "grouped_mm", "padded", "auto"]:
+        moe.dispatch = dispatch
+        y = moe(x.to(dtype))
+        assert y.dtype == dtype and rel_err(y, y_ref) < 2e-2, dispatch
 
 
 # ---- bench smoke test ---------------------------------------------------------------------------------
