@@ -9,7 +9,7 @@ only ever read a ``Routing``. Nothing here holds state between calls.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ __all__ = [
     "max_violation",
     "load_cv",
     "by_label",
+    "groups_per_token",
 ]
 
 
@@ -51,6 +52,12 @@ class Routing:
 
     Each (token, expert) pair appears at most once. A token with no assignment gets zero
     from the routed experts (for Switch this is a *dropped* token).
+
+    Construction checks the record cheaply (``ValueError`` naming the field): shapes, dtypes,
+    devices, equal lengths, ``num_experts`` = the logits' E, and, for CPU tensors only, that the
+    token and expert indices are in range (on a GPU that check would stall every forward on a
+    host read). Whether a pair repeats is not checked; ``scores`` is checked by the losses that
+    read it.
     """
 
     logits: Tensor
@@ -60,6 +67,9 @@ class Routing:
     num_experts: int
     scores: Optional[Tensor] = None
     info: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_routing(self)
 
     # ---- shapes -------------------------------------------------------------------------------
     @property
@@ -118,6 +128,41 @@ class Routing:
     def summary(self) -> Dict[str, float]:
         """Plain-float statistics of this routing; see :func:`routing_summary`."""
         return routing_summary(self)
+
+
+def _describe(t: Any) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def _check_routing(r: Routing) -> None:
+    """The checks of :class:`Routing` construction (no host read of a non-CPU tensor)."""
+    logits = r.logits
+    if not isinstance(logits, Tensor) or logits.dim() != 3 or not logits.is_floating_point():
+        raise ValueError(f"Routing: logits must be a floating tensor [B, L, E], got {_describe(logits)}")
+    b, l, e = logits.shape
+    if not isinstance(r.num_experts, int) or isinstance(r.num_experts, bool) or r.num_experts != e:
+        raise ValueError(f"Routing: num_experts={r.num_experts!r} must be the int E={e} of the logits "
+                         f"{tuple(logits.shape)}")
+    for name in ("token", "expert"):
+        t = getattr(r, name)
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype != torch.long:
+            raise ValueError(f"Routing: {name} must be a long tensor [A], got {_describe(t)}")
+    if not isinstance(r.weight, Tensor) or r.weight.dim() != 1 or not r.weight.is_floating_point():
+        raise ValueError(f"Routing: weight must be a floating tensor [A], got {_describe(r.weight)}")
+    lengths = (r.token.numel(), r.expert.numel(), r.weight.numel())
+    if len(set(lengths)) != 1:
+        raise ValueError(f"Routing: token, expert and weight must have the same length A, got {lengths}")
+    devices = {t.device for t in (logits, r.token, r.expert, r.weight)}
+    if len(devices) != 1:
+        raise ValueError(f"Routing: logits, token, expert and weight must be on one device, "
+                         f"got {sorted(map(str, devices))}")
+    if not isinstance(r.info, Mapping):
+        raise ValueError(f"Routing: info must be a dict, got {type(r.info).__name__}")
+    if r.token.device.type == "cpu" and lengths[0]:  # a value check costs no device sync only here
+        for name, t, bound in (("token", r.token, b * l), ("expert", r.expert, e)):
+            low, high = (int(v) for v in torch.aminmax(t))
+            if low < 0 or high >= bound:
+                raise ValueError(f"Routing: {name} indices must lie in [0, {bound}), got range [{low}, {high}]")
 
 
 # ---- statistics -------------------------------------------------------------------------------
@@ -241,3 +286,24 @@ def by_label(routing: Routing, labels: Tensor, num_labels: Optional[int] = None)
         "experts_per_token": torch.where(tokens > 0, ept_sum / denom, nan),
         "dropped_fraction": torch.where(tokens > 0, zero_sum / denom, nan),
     }
+
+
+def groups_per_token(routing: Routing, groups: Optional[int] = None) -> Tensor:
+    """long ``[N]``: how many distinct expert groups each token was sent to (0 = no expert).
+
+    The experts form ``groups`` equal contiguous groups (group g holds ``[g*E/G, (g+1)*E/G)``, e.g.
+    the experts of one device or node), so this counts the groups a token's activations travel
+    to: the cross-group traffic that group-limited routing (``TopK(..., groups, top_groups)``)
+    caps at ``top_groups``. ``groups`` defaults to ``routing.info["groups"]``.
+    """
+    if groups is None:
+        groups = routing.info.get("groups")
+        if groups is None:
+            raise ValueError("groups_per_token needs groups: pass groups=..., or a routing whose "
+                             "info has 'groups' (a group-limited router)")
+    e = routing.num_experts
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or e % groups:
+        raise ValueError(f"groups={groups!r} must be an int >= 1 that splits the E={e} experts into equal groups")
+    hit = torch.zeros(routing.num_tokens, groups, dtype=torch.bool, device=routing.token.device)  # [N, G]
+    hit[routing.token, routing.expert // (e // groups)] = True
+    return hit.sum(-1)

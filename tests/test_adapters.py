@@ -289,3 +289,40 @@ def test_split_classes():
         split_classes(imgs, labels, [5, 5])
     with pytest.raises(ValueError):
         split_classes(imgs, labels[:3], [5])
+
+
+# ---- the inference threshold is state (issue 9) -----------------------------------------------------
+def test_inference_threshold_is_a_validated_buffer_that_survives_state_dict():
+    torch.manual_seed(0)
+    layer = LoRAExperts(nn.Linear(8, 8), 4, 2, TopK(2, renormalize=True), inference_threshold=0.3)
+    assert layer.inference_threshold == 0.3 and float(layer.state_dict()["threshold"]) == 0.3
+    layer.set_inference_threshold(0.2)
+    assert layer.inference_threshold == 0.2
+    for bad in (-0.1, 1.5, float("nan"), float("inf"), "0.5", True):
+        with pytest.raises(ValueError, match="inference_threshold"):
+            layer.set_inference_threshold(bad)
+        with pytest.raises(ValueError, match="inference_threshold"):
+            layer.inference_threshold = bad
+        with pytest.raises(ValueError, match="inference_threshold"):
+            LoRAExperts(nn.Linear(8, 8), 4, 2, TopK(2), inference_threshold=bad)
+    assert layer.inference_threshold == 0.2
+    torch.manual_seed(1)
+    fresh = LoRAExperts(nn.Linear(8, 8), 4, 2, TopK(2, renormalize=True))  # no threshold
+    assert fresh.inference_threshold is None
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.inference_threshold == 0.2
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    layer.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), fresh(x))
+    assert layer.routing.info["threshold"] == 0.2
+    layer.inference_threshold = None  # off again: eval uses the router, and that travels too
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.inference_threshold is None
+    fresh(x)
+    assert fresh.routing.experts_per_token.tolist() == [2] * 10
+    # a state dict from before the buffer still loads, keeping the layer's own threshold
+    old = {k: v for k, v in layer.state_dict().items() if k != "threshold"}
+    kept = LoRAExperts(nn.Linear(8, 8), 4, 2, TopK(2), inference_threshold=0.5)
+    kept.load_state_dict(old)
+    assert kept.inference_threshold == 0.5

@@ -233,11 +233,19 @@ def test_bf16_logits_computed_in_float32(name):
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_bad_logits_shape_raises(name):
     good = random_routings(seed=4)[0]
-    flat = Routing(good.logits.reshape(-1, good.num_experts), good.token, good.expert, good.weight,
-                   good.num_experts)
+    # Routing itself rejects these on construction (issue 9); the losses keep their own check for
+    # records mutated after construction
+    with pytest.raises(ValueError, match=r"\[B, L, E\]"):
+        Routing(good.logits.reshape(-1, good.num_experts), good.token, good.expert, good.weight,
+                good.num_experts)
+    with pytest.raises(ValueError, match="num_experts"):
+        Routing(good.logits, good.token, good.expert, good.weight, good.num_experts + 1)
+    flat = Routing(good.logits, good.token, good.expert, good.weight, good.num_experts)
+    flat.logits = good.logits.reshape(-1, good.num_experts)
     with pytest.raises(ValueError, match=r"\[B, L, E\]"):
         REGISTRY[name](flat)
-    wrong_e = Routing(good.logits, good.token, good.expert, good.weight, good.num_experts + 1)
+    wrong_e = Routing(good.logits, good.token, good.expert, good.weight, good.num_experts)
+    wrong_e.num_experts += 1
     with pytest.raises(ValueError, match="num_experts"):
         REGISTRY[name](wrong_e)
 

@@ -160,7 +160,7 @@ def ref_noisy_topk(h, k):
 def ref_switch(logits, capacity_factor):
     b, l, e = logits.shape
     n = b * l
-    capacity = int(capacity_factor * n / e)
+    capacity = max(1, int(capacity_factor * n / e))
     load = [0] * e
     out = {}
     for t in range(n):
@@ -502,8 +502,9 @@ def test_switch_hand_made_capacity_and_first_come_first_served():
 def test_switch_capacity_uses_int_of_the_product():
     logits = torch.zeros(2, 5, 4)
     assert Switch(1.25)(logits).info["capacity"] == int(1.25 * 10 / 4)  # 3
-    assert Switch(0.3)(logits).info["capacity"] == 0  # every token dropped
-    assert Switch(0.3)(logits).num_assignments == 0
+    # int(0.3 * 10 / 4) = 0 would drop every token: the capacity is at least 1
+    assert Switch(0.3)(logits).info["capacity"] == 1
+    assert Switch(0.3)(logits).num_assignments == 1  # every token wants expert 0: the first one keeps it
 
 
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25, 2.0])
@@ -515,7 +516,7 @@ def test_switch_matches_reference(capacity_factor, seed):
     ref = ref_switch(logits, capacity_factor)
     assert_matches_reference(r, ref)
     assert int(r.info["dropped"]) == 12 - len(ref)
-    assert int(r.tokens_per_expert.max()) <= int(capacity_factor * 12 / 4)
+    assert int(r.tokens_per_expert.max()) <= max(1, int(capacity_factor * 12 / 4))
     assert_grad_matches(router, lambda lg: ref_switch(lg, capacity_factor), logits, seed)
 
 
@@ -1078,3 +1079,123 @@ def test_make_router_errors():
 def test_public_names_exist():
     for name in routers_module.__all__:
         assert hasattr(routers_module, name), name
+
+
+# ---- issue 9: thresholds in validated buffers, no silent drops, no 0/0 ------------------------
+def test_switch_capacity_is_at_least_one():
+    one = Switch(1.0)(torch.tensor([[[0.1, 0.9, 0.0, 0.2]]]))  # 1 token, 4 experts: int(0.25) = 0
+    assert one.info["capacity"] == 1 and int(one.info["dropped"]) == 0
+    assert_pairs(one, {(0, 1): num(torch.tensor([0.1, 0.9, 0.0, 0.2]).softmax(0)[1])})
+    logits = torch.full((1, 4, 8), -1.0)
+    for t, e in enumerate((0, 3, 5, 7)):
+        logits[0, t, e] = 2.0  # 4 tokens on 4 different experts of 8: int(0.5) = 0
+    r = Switch(1.0)(logits)
+    assert r.info["capacity"] == 1 and int(r.info["dropped"]) == 0
+    assert r.expert.tolist() == [0, 3, 5, 7]
+    logits[0, 1, 0] = 3.0  # token 1 now wants expert 0 too: it arrives second and is dropped
+    r = Switch(1.0)(logits)
+    assert r.expert.tolist() == [0, 5, 7] and int(r.info["dropped"]) == 1
+
+
+def test_topp_p_is_a_validated_buffer_moved_by_set_inference_threshold():
+    router = TopP(0.4)
+    assert "threshold" in dict(router.named_buffers()) and router.p == 0.4 == router.inference_threshold
+    router.set_inference_threshold(0.9)
+    assert router.p == 0.9 and float(router.state_dict()["threshold"]) == 0.9
+    router.p = 0.7  # the old attribute still works, through the same check
+    assert router.p == 0.7
+    for bad in (-1, 0, 0.0, 1.5, float("nan"), float("inf"), "0.5", True, None):
+        with pytest.raises(ValueError, match="p must be in"):
+            router.set_inference_threshold(bad)
+        with pytest.raises(ValueError, match="p must be in"):
+            router.p = bad
+    assert router.p == 0.7  # a rejected value changes nothing
+    logits = torch.tensor([[[0.5, 0.3, 0.2]]], dtype=F64).log()
+    assert router(logits).expert.tolist() == [0, 1]
+    router.set_inference_threshold(0.4)
+    assert router(logits).expert.tolist() == [0]
+
+
+def test_topp_threshold_survives_state_dict_and_old_state_dicts_load():
+    router = TopP(0.3)
+    router.set_inference_threshold(0.8)
+    fresh = TopP(0.3)
+    fresh.load_state_dict(router.state_dict())
+    assert fresh.p == 0.8
+    logits = rand_logits(3, b=2, l=6, e=5)
+    assert_same_routing(fresh(logits), router(logits))
+    old = TopP(0.6)
+    old.load_state_dict({})  # a state_dict from before p was a buffer: keeps the constructor's p
+    assert old.p == 0.6
+    with pytest.raises(RuntimeError, match="p must be in"):
+        old.load_state_dict({"threshold": torch.tensor(-1.0, dtype=F64)})
+
+
+def test_race_threshold_is_validated_on_every_set():
+    router = Race(1)
+    assert router.inference_threshold is None  # nothing trained yet
+    for bad in (float("nan"), float("inf"), -float("inf"), "0.5", None, True):
+        for setter in (router.set_threshold, router.set_inference_threshold):
+            with pytest.raises(ValueError, match="threshold"):
+                setter(bad)
+    assert not bool(router.initialized)
+    router.set_inference_threshold(0.5)
+    assert router.inference_threshold == 0.5 and bool(router.initialized)
+    router.set_threshold(-2)
+    assert router.inference_threshold == -2.0
+    state = router.state_dict()
+    state["threshold"] = torch.tensor(float("nan"))
+    with pytest.raises(RuntimeError, match="threshold"):
+        Race(1).load_state_dict(state)
+
+
+def test_bias_balanced_weights_stay_finite_when_every_sigmoid_underflows():
+    logits = torch.full((1, 1, 4), -89.0)  # sigmoid(-89) is 0 in float32
+    r = BiasBalanced(4, 2)(logits)
+    assert torch.equal(r.weight, torch.tensor([0.5, 0.5]))
+    logits = torch.tensor([[[-89.0, -90.0]]], requires_grad=True)  # k = E: the selection is not a tie-break
+    r = BiasBalanced(2, 2, scale=2.0)(logits)
+    # sigmoid(a) / (sigmoid(a) + sigmoid(b)) -> softmax over the chosen as both go to -inf
+    want = 2.0 * torch.tensor([-89.0, -90.0], dtype=F64).softmax(0)
+    assert torch.allclose(r.weight.double(), want, atol=1e-6)
+    (r.weight[0]).backward()
+    grad = logits.grad[0, 0].double()
+    assert torch.isfinite(grad).all()
+    s0, s1 = want[0] / 2, want[1] / 2  # d w0 / d l = scale * (s0 s1, -s0 s1) in this limit
+    assert torch.allclose(grad[:2], torch.stack([2 * s0 * s1, -2 * s0 * s1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_topk_renormalized_sigmoid_weights_stay_finite_when_every_sigmoid_underflows(dtype):
+    low = -89.0 if dtype == torch.float32 else -800.0  # sigmoid is exactly 0 there
+    logits = torch.tensor([[[low, low - 1], [low, low]]], dtype=dtype, requires_grad=True)
+    assert torch.sigmoid(logits).eq(0).all()
+    r = TopK(2, renormalize=True, gating="sigmoid")(logits)
+    # sigmoid(a) / (sigmoid(a) + sigmoid(b)) -> softmax([a, b]) as both go to -inf
+    want = torch.tensor([[0.0, -1.0], [0.0, 0.0]], dtype=F64).softmax(-1).reshape(-1)
+    assert r.expert.tolist() == [0, 1, 0, 1]
+    assert torch.allclose(r.weight.double(), want, atol=1e-6)
+    r.weight[0].backward()
+    w0, w1 = want[0], want[1]
+    assert torch.allclose(logits.grad[0, 0].double(), torch.stack([w0 * w1, -w0 * w1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_topk_renormalized_sigmoid_still_matches_reference_after_the_safe_normalisation(seed):
+    logits = rand_logits(seed) * 3
+    router = TopK(2, renormalize=True, gating="sigmoid")
+    assert_matches_reference(router(logits), ref_topk(logits, 2, True, "sigmoid"))
+    assert_grad_matches(router, lambda lg: ref_topk(lg, 2, True, "sigmoid"), logits, seed)
+
+
+def test_learned_inputs_name_x_when_it_has_the_wrong_type():
+    logits = torch.zeros(1, 2, 4)
+    noisy = TopK(2, noise="learned", dim=3, num_experts=4)
+    threshold = LearnedThreshold(3, 4)
+    for who, call in (("noise", noisy), ("LearnedThreshold", threshold)):
+        for bad in (torch.zeros(1, 2, 3, dtype=torch.long), torch.zeros(1, 2, 3, dtype=torch.bool),
+                    torch.zeros(1, 2, 3, dtype=F64), [[[0.0] * 3] * 2]):
+            with pytest.raises(ValueError, match=r"\bx\b"):
+                call(logits, x=bad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed float dtypes are autocast's business
+        threshold(logits, x=torch.zeros(1, 2, 3, dtype=torch.bfloat16))

@@ -307,3 +307,42 @@ def test_by_label_bad_shapes_raise():
         by_label(r, torch.tensor([0, -1]))  # negative label
     with pytest.raises(ValueError):
         by_label(r, torch.tensor([0, 3]), num_labels=2)  # label outside [0, num_labels)
+
+
+# ---- validation on construction (issue 9) -------------------------------------------------------
+def test_routing_rejects_a_malformed_record_naming_the_field():
+    logits = torch.zeros(1, 3, 4)
+    long = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    good = dict(logits=logits, token=long(0, 1, 2), expert=long(0, 3, 1), weight=torch.ones(3), num_experts=4)
+    Routing(**good)
+    cases = [
+        ({"expert": long(0, 4, 1)}, r"expert indices must lie in \[0, 4\)"),  # E is out of range
+        ({"expert": long(0, -1, 1)}, r"expert indices must lie in \[0, 4\)"),
+        ({"token": long(0, 1, 3)}, r"token indices must lie in \[0, 3\)"),  # N = 3
+        ({"token": long(0, 1)}, "same length"),
+        ({"weight": torch.ones(2)}, "same length"),
+        ({"token": torch.tensor([0.0, 1.0, 2.0])}, "token must be a long"),
+        ({"expert": torch.tensor([0, 3, 1], dtype=torch.int32)}, "expert must be a long"),
+        ({"token": long(0, 1, 2)[None]}, r"token must be a long tensor \[A\]"),
+        ({"weight": torch.ones(3, dtype=torch.long)}, "weight must be a floating"),
+        ({"weight": [1.0, 1.0, 1.0]}, "weight must be a floating"),
+        ({"logits": torch.zeros(3, 4)}, r"logits must be .*\[B, L, E\]"),
+        ({"logits": torch.zeros(1, 3, 4, dtype=torch.long)}, "logits must be .*floating"),
+        ({"num_experts": 5}, "num_experts=5"),
+        ({"num_experts": True}, "num_experts"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            Routing(**{**good, **change})
+
+
+def test_routing_validation_reads_no_values_off_the_host():
+    # meta tensors have no values: a range check there would raise. CUDA tensors are treated the
+    # same way (checking there would sync the device on every forward).
+    meta = dict(device="meta")
+    r = Routing(torch.zeros(1, 3, 4, **meta), torch.full((3,), 7, dtype=torch.long, **meta),
+                torch.full((3,), 9, dtype=torch.long, **meta), torch.ones(3, **meta), 4)
+    assert r.num_assignments == 3
+    with pytest.raises(ValueError, match="same length"):  # shapes are still checked
+        Routing(torch.zeros(1, 3, 4, **meta), torch.zeros(3, dtype=torch.long, **meta),
+                torch.zeros(2, dtype=torch.long, **meta), torch.ones(3, **meta), 4)

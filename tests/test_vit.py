@@ -86,6 +86,36 @@ def test_patch_sizes(patch, tokens):
     assert ViT(config).features(images(2)).shape == (2, tokens, 16)
 
 
+@pytest.mark.parametrize("patch", [4, 7])
+def test_conv_stem_keeps_tokens_and_adds_a_3x3_conv(patch):
+    # stem="conv": a 3x3 conv (stem_channels maps) + GELU before the patch conv; same token grid
+    config = tiny(patch_size=patch, stem="conv", stem_channels=5)
+    model = ViT(config)
+    assert model.features(images(2)).shape == (2, config.num_patches, 16)
+    embed = model.patch_embed
+    assert embed.stem[0].weight.shape == (5, 1, 3, 3)
+    hand = (1 * 5 * 9 + 5) + (5 * 16 * patch * patch + 16)  # stem conv, then the patch conv on 5 maps
+    assert sum(p.numel() for p in embed.parameters()) == hand
+    plain = ViT(tiny(patch_size=patch)).patch_embed
+    assert plain.stem is None  # the default keeps the linear patch embedding
+    assert sum(p.numel() for p in plain.parameters()) == 1 * 16 * patch * patch + 16
+
+
+@pytest.mark.parametrize("stem, sees_neighbour", [("patch", False), ("conv", True)])
+def test_conv_stem_tokens_see_the_next_patch(stem, sees_neighbour):
+    # change one pixel just right of patch 0: only a conv stem lets token 0 see it
+    torch.manual_seed(0)
+    embed = ViT(tiny(patch_size=7, stem=stem)).patch_embed
+    x = images(1)
+    y = x.clone()
+    y[0, 0, 3, 7] += 1.0
+    with torch.no_grad():
+        a, b = embed(x), embed(y)  # [1, 16, 16]
+    assert torch.equal(a[0, 2:], b[0, 2:])  # patches 2.. are more than one pixel away
+    assert (not torch.equal(a[0, 0], b[0, 0])) == sees_neighbour
+    assert not torch.equal(a[0, 1], b[0, 1])  # the pixel's own patch
+
+
 def test_default_config_builds():
     config = ViTConfig()
     assert (config.dim, config.depth, config.heads, config.patch_size, config.num_patches) == (64, 4, 4, 4, 49)
@@ -298,9 +328,7 @@ def test_state_dict_round_trip(router):
         set_threshold(model, 0.6)
     torch.manual_seed(1)
     clone = ViT(config)
-    clone.load_state_dict(model.state_dict())
-    if isinstance(clone.blocks[1].mlp.router, TopP):
-        set_threshold(clone, 0.6)  # a plain float attribute is not in the state dict
+    clone.load_state_dict(model.state_dict())  # TopP's p travels in the state dict (a buffer)
     for (_, a), (_, b) in zip(moe_lite.moe_layers(model), moe_lite.moe_layers(clone)):
         for name, buf in a.router.named_buffers():
             assert torch.equal(buf, dict(b.router.named_buffers())[name])  # Race: threshold, initialized
@@ -333,6 +361,8 @@ def test_state_dict_round_trip(router):
         (dict(depth=0), "positive"),
         (dict(dropout=1.5), "dropout"),
         (dict(block_hidden=[8, 8]), "block_hidden"),
+        (dict(stem="resnet"), "stem"),
+        (dict(stem="conv", stem_channels=0), "stem_channels"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -351,3 +381,31 @@ def test_bad_input_shape():
 def test_replace_revalidates():
     with pytest.raises(ValueError):
         dataclasses.replace(tiny(), patch_size=3)
+
+
+def test_set_threshold_survives_a_state_dict_round_trip():
+    # issue 9's reproducer: p moved by set_threshold used to be a plain attribute, lost on load
+    torch.manual_seed(0)
+    cfg = dynamic_config(ViTConfig(dim=32, depth=2, heads=2, mlp_hidden=64))
+    a = ViT(cfg)
+    set_threshold(a, 0.9)
+    b = ViT(cfg)
+    b.load_state_dict(a.state_dict())
+    assert all(layer.router.p == 0.9 for _, layer in moe_lite.moe_layers(b))
+    a.eval(), b.eval()
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    # a state dict from before p was a buffer still loads (each router keeps its configured p)
+    old = {k: v for k, v in a.state_dict().items() if not k.endswith("router.threshold")}
+    c = ViT(cfg)
+    c.load_state_dict(old)
+    assert all(layer.router.p == cfg.router_kwargs["p"] for _, layer in moe_lite.moe_layers(c))
+
+
+@pytest.mark.parametrize("bad", [-1, 0.0, 1.5, float("nan"), "0.5", True])
+def test_set_threshold_rejects_a_bad_p_and_changes_nothing(bad):
+    model = ViT(dynamic_config(tiny()))
+    with pytest.raises(ValueError, match="p must be in"):
+        set_threshold(model, bad)
+    assert all(layer.router.p == 0.4 for _, layer in moe_lite.moe_layers(model))

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .. import losses as _losses
 from ..layers import GATE_INIT_STD, MoELayer
+from ..routers import InferenceThreshold, _check_real
 from ..routing import Routing
 from .vit import ViT, router_from_name
 
@@ -135,7 +136,7 @@ def threshold_routing(logits: Tensor, threshold: float, renormalize: bool = True
     )
 
 
-class LoRAExperts(MoELayer):
+class LoRAExperts(MoELayer, InferenceThreshold):
     """A frozen ``nn.Linear`` plus a routed mixture of LoRA experts (MixLoRA / AdaMoLE style).
 
     ``y = base(x) + (alpha / rank) * sum_{e routed} w_e * x A_e^T B_e^T``, with the routing decided
@@ -158,7 +159,10 @@ class LoRAExperts(MoELayer):
         inference_threshold: if set, in **eval** mode the router is bypassed and every expert whose
             softmax probability (of the gate logits) is ``>= inference_threshold`` is used, at least
             the top one, with the kept probabilities renormalised (:func:`threshold_routing`).
-            Training always uses ``router``. ``None``: eval uses the router too.
+            Training always uses ``router``. ``None``: eval uses the router too. Kept in the buffer
+            ``threshold`` (negative = None), so ``state_dict`` carries it (one saved before that
+            loads and keeps this layer's value); move it with :meth:`set_inference_threshold` or
+            ``layer.inference_threshold = ...``, checked to be in [0, 1] or None on every set.
         dispatch: ``"loop"`` (gathers the routed tokens of each expert: sparse compute, the
             reference) or ``"dense"`` (every expert on every token, masked by the routing weights:
             the same result, faster on CPU for tiny ranks).
@@ -184,8 +188,8 @@ class LoRAExperts(MoELayer):
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
         if not isinstance(router, nn.Module):
             raise ValueError(f"router must be a router module, got {type(router).__name__}")
-        if inference_threshold is not None and not 0.0 <= float(inference_threshold) <= 1.0:
-            raise ValueError(f"inference_threshold must be in [0, 1] or None, got {inference_threshold}")
+        if inference_threshold is not None:
+            inference_threshold = _check_real(inference_threshold, "inference_threshold", 0, 1)
         if dispatch not in ("loop", "dense"):
             raise ValueError(f"dispatch must be 'loop' or 'dense', got {dispatch!r}")
         losses = dict(losses or {})
@@ -201,10 +205,11 @@ class LoRAExperts(MoELayer):
         self.num_experts, self.rank = num_experts, rank
         self.alpha = float(alpha) if alpha is not None else float(rank)
         self.scaling = self.alpha / rank
-        self.inference_threshold = None if inference_threshold is None else float(inference_threshold)
         self.dispatch = dispatch
         self.loss_weights: Dict[str, float] = {k: float(v) for k, v in losses.items()}
         w = base.weight
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float64, device=w.device))
+        self.set_inference_threshold(inference_threshold)
         self.gate = nn.Linear(self.in_features, num_experts, bias=False, device=w.device, dtype=w.dtype)
         nn.init.normal_(self.gate.weight, std=GATE_INIT_STD)
         self.router = router
@@ -213,11 +218,34 @@ class LoRAExperts(MoELayer):
         for a in self.lora_A.data.unbind(0):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
+    threshold_optional_in_state_dict = True
+
+    @property
+    def inference_threshold(self) -> Optional[float]:
+        """The eval-mode probability threshold in [0, 1], or None (eval uses the router)."""
+        value = float(self.threshold)
+        return None if value < 0 else value
+
+    @inference_threshold.setter
+    def inference_threshold(self, value: Optional[float]) -> None:
+        self.set_inference_threshold(value)
+
+    @torch.no_grad()
+    def set_inference_threshold(self, value: Optional[float]) -> None:
+        """Set the eval threshold (in [0, 1]) or None; the next eval forward uses it."""
+        self.threshold.fill_(-1.0 if value is None else _check_real(value, "inference_threshold", 0, 1))
+
+    def _check_stored_threshold(self, value: float) -> None:
+        if not value < 0:  # negative means None; NaN is checked (and refused)
+            _check_real(value, "inference_threshold", 0, 1)
+
     def route(self, x: Tensor) -> Routing:
         """``x [B, L, i] -> Routing`` (router in training, or the fixed threshold in eval if set)."""
         logits = self.gate(x)  # [b, l, e]
-        if not self.training and self.inference_threshold is not None:
-            return threshold_routing(logits, self.inference_threshold)
+        if not self.training:
+            threshold = self.inference_threshold  # a host read in eval only (the routing syncs anyway)
+            if threshold is not None:
+                return threshold_routing(logits, threshold)
         return self.router(logits, x=x)
 
     def _experts(self, x: Tensor, routing: Routing) -> Tensor:

@@ -61,6 +61,9 @@ RouterSpec = Union[str, Callable[[], nn.Module]]
 #: learned threshold): Huang et al. 2024 compare top-p against top-2 and report < 2 realised.
 DYNAMIC_NOMINAL_K = 2.0
 
+#: patch-embedding stems (:class:`PatchEmbed`): a linear patch embedding, or a 3x3 conv before it.
+STEMS = ("patch", "conv")
+
 #: keyword arguments a router name gets when ``ViTConfig.router_kwargs`` is None (routers that need a k).
 DEFAULT_ROUTER_KWARGS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "topk": MappingProxyType({"k": 2}),
@@ -88,6 +91,8 @@ class ViTConfig:
             ``mlp_hidden`` for the dense blocks; :func:`dense_equivalent` uses it for mixed placements.
         dropout: dropout on the embeddings, attention probabilities and block outputs.
         pooling: ``"mean"`` (mean over patch tokens) or ``"cls"`` (a learned class token).
+        stem: ``"patch"`` (a linear patch embedding) or ``"conv"`` (a 3x3 conv with
+            ``stem_channels`` maps and a GELU before it; same tokens), see :class:`PatchEmbed`.
         activation: FFN / expert activation, passed to :class:`~moe_lite.layers.FFN` / ``MoE``.
         moe_layers: which blocks get an MoE instead of the dense FFN (see :func:`resolve_placement`):
             ``"none"``, ``"all"``, ``"every-2"`` (every second block *ending with the last*: blocks
@@ -120,6 +125,8 @@ class ViTConfig:
     dropout: float = 0.0
     pooling: str = "mean"
     activation: str = "gelu"
+    stem: str = "patch"
+    stem_channels: int = 32
     # MoE options
     moe_layers: Placement = "none"
     num_experts: int = 8
@@ -132,7 +139,8 @@ class ViTConfig:
     dispatch: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads", "mlp_hidden"):
+        for name in ("image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads", "mlp_hidden",
+                     "stem_channels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ViTConfig.{name} must be a positive int, got {value!r}")
@@ -151,6 +159,8 @@ class ViTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
         indices = resolve_placement(self.moe_layers, self.depth)  # validates the placement
         if isinstance(self.router, nn.Module):
             raise ValueError(
@@ -310,21 +320,35 @@ def nominal_active_experts(router: nn.Module) -> float:
 
 # ---- modules ----------------------------------------------------------------------------------
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens with one strided conv.
+    """Non-overlapping patches -> tokens with one strided conv, optionally after a small conv stem.
+
+    ``stem="patch"`` (default): the strided conv sees the raw pixels (a linear patch embedding).
+    ``stem="conv"``: a 3x3 conv (``stem_channels`` maps, same resolution) + GELU first, so each token
+    also sees the pixels just outside its patch (Xiao et al. 2021, "Early convolutions help
+    transformers see better"); the token grid, and so ``L``, is unchanged.
 
     ``forward(images [B, C, H, W]) -> [B, L, D]`` with ``L = (H / patch)**2``, row-major patch order.
     """
 
-    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int) -> None:
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int,
+                 stem: str = "patch", stem_channels: int = 32) -> None:
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.stem: Optional[nn.Module] = None
+        channels = in_channels
+        if stem == "conv":
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_channels, 3, padding=1), nn.GELU())
+            channels = stem_channels
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images: Tensor) -> Tensor:
         expected = (self.in_channels, self.image_size, self.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {tuple(images.shape)}")
-        return self.proj(images).flatten(2).transpose(1, 2)  # [b, d, g, g] -> [b, l, d]
+        x = self.stem(images) if self.stem is not None else images  # [b, c, h, w]
+        return self.proj(x).flatten(2).transpose(1, 2)  # [b, d, g, g] -> [b, l, d]
 
 
 class Attention(nn.Module):
@@ -391,7 +415,7 @@ class ViT(nn.Module):
         self.config = config
         c = config
         self.moe_block_indices: Tuple[int, ...] = tuple(c.moe_block_indices)
-        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.in_channels, c.dim)
+        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.in_channels, c.dim, c.stem, c.stem_channels)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.pooling == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, c.seq_len, c.dim))
         self.drop = nn.Dropout(c.dropout)
@@ -597,23 +621,18 @@ def experts_per_sample(model: nn.Module) -> Dict[str, Tensor]:
 def set_threshold(model: nn.Module, p: float) -> int:
     """Set the threshold ``p`` of every :class:`~moe_lite.routers.TopP` router in ``model``, live.
 
-    Takes effect on the next forward (no retraining). Returns how many routers changed.
+    Takes effect on the next forward (no retraining). ``p`` is each router's buffer ``threshold``,
+    so ``state_dict`` and checkpoints carry it. Returns how many routers changed.
 
     Raises:
-        ValueError: when ``p`` is outside (0, 1] or the model has no TopP router.
+        ValueError: when the model has no TopP router, or ``p`` is not a number in (0, 1] (then
+            nothing changes).
     """
-    if not 0.0 < float(p) <= 1.0:
-        raise ValueError(f"top-p threshold must be in (0, 1], got {p}")
     routers = [m for m in model.modules() if isinstance(m, TopP)]
     if not routers:
         raise ValueError("the model has no TopP router")
-    for router in routers:
-        current = getattr(router, "p")
-        if isinstance(current, Tensor):
-            with torch.no_grad():
-                current.fill_(float(p))
-        else:
-            router.p = float(p)
+    for router in routers:  # the first one rejects a bad p before any has changed
+        router.set_inference_threshold(p)
     return len(routers)
 
 
