@@ -6,6 +6,7 @@ What :func:`fit` does, in order, at each optimizer step::
     aux = moe_lite.aux_loss(model)                     # ALWAYS added: weights live on the layers
     (task_loss + aux).backward(); clip; AdamW step; warm-up + cosine scheduler step
     moe_lite.update_biases(model)                      # BiasBalanced routers, after the step
+    callbacks("step")                                  # they see this step's training forward
 
 and at each evaluation (every epoch by default): ``task.evaluate`` on the eval loader, then
 ``moe_lite.routing_stats(model)`` per MoE layer from one extra forward on the *first* eval batch
@@ -21,15 +22,23 @@ on CUDA (fp16 with a grad scaler on GPUs without bf16), float32 on CPU and MPS.
 Reproducibility: ``seed_everything(config.seed)`` at the start; evaluation runs inside a forked,
 fixed-seed RNG so it never changes the training randomness; a checkpoint holds model (all buffers,
 persistent or not: EMA thresholds, balancing biases), optimizer, scheduler, grad scaler, history,
-config and every RNG state, including the train loader's sampling generators and their state at
-the start of the current epoch. Resuming on CPU therefore reproduces uninterrupted training
-bit for bit, even from the middle of an epoch (the loader must give the same batches for the same
+config, every RNG state, including the train loader's sampling generators and their state at
+the start of the current epoch, the states of callbacks that have ``state_dict`` /
+``load_state_dict``, and ``planned_steps`` / ``completed`` (whether the run had finished its
+schedule at that step, so a cache can tell a finished run from an interrupted one). Resuming on CPU
+therefore reproduces uninterrupted training bit for bit, even from the middle of an epoch (the loader must give the same batches for the same
 generator state, as :func:`moe_lite.data.make_loader` does).
 
-Divergence: a non-finite loss (task, any aux part, or the total) or, without a grad scaler, a
-non-finite gradient norm stops training with :class:`TrainingDiverged`. It is detected before the
-optimizer step on CPU (on a GPU up to ``sync_every`` steps later), and the checkpoint written at
-the last good evaluation is never overwritten.
+Divergence: a non-finite loss (task, any aux part, or the total), without a grad scaler a
+non-finite gradient norm, or a :class:`moe_lite.NonFiniteError` raised inside the forward (a router
+given NaN/inf logits), in training or evaluation, stops training with :class:`TrainingDiverged`
+(naming the step, and the first parameter or buffer holding NaN/inf when there is one). It is
+detected before the optimizer step on CPU (a non-finite loss on a GPU up to ``sync_every`` steps
+later), and the checkpoint written at the last good evaluation is never overwritten.
+
+Files: checkpoints are written atomically with the permissions of any new file (umask); a save
+killed mid-write leaves a temporary file that the next save of that checkpoint removes. A file
+that is not a readable checkpoint of the model raises :class:`CheckpointError` naming it.
 
 Task protocol (any object with these two methods)::
 
@@ -41,12 +50,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
+import pickle
+import platform
 import random
-import tempfile
+import secrets
 import time
 import warnings
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
@@ -57,6 +70,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .layers import aux_loss, aux_losses, routing_stats, update_biases
+from .routing import NonFiniteError
 
 __all__ = [
     "Task",
@@ -73,12 +87,15 @@ __all__ = [
     "build_scheduler",
     "save_checkpoint",
     "load_checkpoint",
+    "read_checkpoint",
+    "CheckpointError",
     "to_device",
     "atomic_save",
+    "remove_stale_temporaries",
 ]
 
 CHECKPOINT_FORMAT = "moe_lite.checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: planned_steps and completed
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 GPU_SYNC_EVERY = 16  # default host-copy interval of per-step logs off the CPU
 
@@ -287,26 +304,35 @@ class TrainConfig:
     sync_every: Optional[int] = None
 
     def __post_init__(self) -> None:
+        # every field is checked (and numbers made plain ints / floats, which safe checkpoint loading
+        # accepts); a bad value names its field
+        self.epochs = _config_int("epochs", self.epochs, 0 if self.max_steps is not None else 1)
+        self.max_steps = _config_int("max_steps", self.max_steps, 1, optional=True)
+        self.lr = _config_float("lr", self.lr, "> 0", lambda v: v > 0)
+        self.weight_decay = _config_float("weight_decay", self.weight_decay, ">= 0", lambda v: v >= 0)
+        self.warmup_fraction = _config_float("warmup_fraction", self.warmup_fraction, "in [0, 1)",
+                                             lambda v: 0 <= v < 1)
+        self.warmup_steps = _config_int("warmup_steps", self.warmup_steps, 0, optional=True)
+        self.min_lr_ratio = _config_float("min_lr_ratio", self.min_lr_ratio, "in [0, 1]", lambda v: 0 <= v <= 1)
+        self.grad_clip = _config_float("grad_clip", self.grad_clip, "> 0", lambda v: v > 0,
+                                       optional=True)
+        self.batch_size = _config_int("batch_size", self.batch_size, 1)
+        if not isinstance(self.amp, str) or self.amp not in AMP_CHOICES:
+            raise ValueError(f"TrainConfig: amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        self.seed = _config_int("seed", self.seed, None)
+        if not isinstance(self.device, (str, torch.device)):
+            raise ValueError(f"TrainConfig: device must be a string or torch.device, got {self.device!r}")
+        self.eval_every = _config_int("eval_every", self.eval_every, 1, optional=True)
         if self.checkpoint is not None:
+            if not isinstance(self.checkpoint, (str, os.PathLike)):
+                raise ValueError(f"TrainConfig: checkpoint must be a path or None, got {self.checkpoint!r}")
             self.checkpoint = str(self.checkpoint)
-        checks = [
-            (self.epochs >= 1 or self.max_steps is not None, "epochs must be >= 1"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1 or None"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
-            (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
-            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or None"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.amp in AMP_CHOICES, f"amp must be one of {AMP_CHOICES}"),
-            (self.eval_every is None or self.eval_every >= 1, "eval_every must be >= 1 or None"),
-            (self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s must be > 0"),
-            (self.sync_every is None or self.sync_every >= 1, "sync_every must be >= 1 or None"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: {message}")
+        self.time_budget_s = _config_float("time_budget_s", self.time_budget_s, "> 0",
+                                           lambda v: v > 0, optional=True)
+        self.sync_every = _config_int("sync_every", self.sync_every, 1, optional=True)
+        for name in ("progress", "log_routing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig: {name} must be True or False, got {getattr(self, name)!r}")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """``max_steps`` if given, else ``epochs * steps_per_epoch``."""
@@ -320,6 +346,29 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         """Plain values only (a path set after construction becomes a string)."""
         return {k: str(v) if isinstance(v, os.PathLike) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _config_int(name: str, value: Any, minimum: Optional[int], optional: bool = False) -> Optional[int]:
+    """``value`` as a plain int, or a ValueError naming the TrainConfig field (bools are not ints)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        if minimum is None or value >= minimum:
+            return int(value)
+    bound = f" >= {minimum}" if minimum is not None else ""
+    raise ValueError(f"TrainConfig: {name} must be an int{bound}{' or None' if optional else ''}, got {value!r}")
+
+
+def _config_float(name: str, value: Any, rule: str, ok: Callable[[float], bool],
+                  optional: bool = False) -> Optional[float]:
+    """``value`` as a plain float, or a ValueError naming the TrainConfig field (NaN and inf refused)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) \
+            and math.isfinite(value) and ok(float(value)):
+        return float(value)
+    raise ValueError(f"TrainConfig: {name} must be a finite number {rule}{' or None' if optional else ''}, "
+                     f"got {value!r}")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -382,7 +431,8 @@ class History:
         evals: one dict per evaluation: ``step``, ``epoch``, ``wall_time_s``, the task's metrics,
             and ``routing`` (layer -> statistics) when the model has MoE layers.
         wall_time_s: training time, summed over resumed runs.
-        stop_reason: ``"completed"``, ``"time_budget"`` or ``"callback"`` (empty while running).
+        stop_reason: ``"completed"``, ``"time_budget"`` or ``"callback"`` (empty while running, and in
+            the checkpoints written before the last).
         device: where it ran.
         planned_steps: the step count a time budget shrank the plan to (None: not shrunk).
     """
@@ -435,6 +485,15 @@ class History:
         if not text.lstrip().startswith("{"):
             text = Path(text).read_text()
         return cls.from_dict(json.loads(text))
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a checkpoint here: empty, truncated, not a moe_lite checkpoint,
+    or of another architecture. ``path`` is the file; the message says what is wrong."""
+
+    def __init__(self, message: str, path: PathLike):
+        super().__init__(message)
+        self.path = Path(path)
 
 
 class TrainingDiverged(RuntimeError):
@@ -524,10 +583,65 @@ def _non_persistent_buffers(model: nn.Module) -> Dict[str, Tensor]:
     return {name: buf.detach().clone() for name, buf in model.named_buffers() if name not in saved}
 
 
+STALE_TMP_AGE_S = 3600.0  # a temporary file untouched this long belongs to no running save
+
+
+def _host_tag() -> str:
+    """This machine's name, reduced to characters safe in a file name."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in platform.node()) or "host"
+
+
+def remove_stale_temporaries(path: PathLike) -> None:
+    """Delete the temporary files that killed :func:`atomic_save` calls for ``path`` left behind.
+
+    A temporary is ``.<name>.<host>-<pid>.<random>.tmp``. It is stale when its writer was on this
+    machine and that process is gone, or (another machine's, or an unknown writer's) when it has not
+    been touched for an hour. Saves in flight in live processes are left alone.
+    """
+    path, host, now = Path(path), _host_tag(), time.time()
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        writer = tmp.name[len(path.name) + 2:-len(".tmp")].split(".")[0]  # "<host>-<pid>"
+        tag, _, pid = writer.rpartition("-")
+        try:
+            if tag == host and pid.isdigit():
+                if int(pid) == os.getpid() or _process_alive(int(pid)):
+                    continue
+            elif now - tmp.stat().st_mtime < STALE_TMP_AGE_S:
+                continue
+            tmp.unlink()
+        except FileNotFoundError:  # another process cleaned it up, or its save finished
+            pass
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # it exists (another user's) or we cannot tell: keep its file
+    return True
+
+
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it into place."""
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it into place.
+
+    The file gets the permissions a plain ``open(path, "w")`` would (``0o666`` less the umask, and
+    the folder's default ACL), so a cache folder can be shared; ``tempfile.mkstemp`` would make it
+    ``0o600``. Temporary files of earlier saves of ``path`` that were killed mid-write are removed.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    prefix = f".{path.name}.{_host_tag()}-{os.getpid()}."
+    while True:
+        tmp = path.parent / f"{prefix}{secrets.token_hex(4)}.tmp"
+        try:
+            # O_EXCL: never follows or reuses an existing file; mode 0o666 lets the kernel apply the umask
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as file:
             torch.save(obj, file)
@@ -544,13 +658,18 @@ def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
                     scheduler: Optional[Any] = None, step: int = 0,
                     history: Optional[Union[History, Mapping[str, Any]]] = None,
                     config: Optional[Union[TrainConfig, Mapping[str, Any]]] = None, *,
-                    scaler: Optional[Any] = None, extra: Optional[Mapping[str, Any]] = None) -> Path:
+                    scaler: Optional[Any] = None, extra: Optional[Mapping[str, Any]] = None,
+                    planned_steps: Optional[int] = None) -> Path:
     """Write everything needed to resume training, atomically (tmp file + ``os.replace``).
 
     Holds the model's ``state_dict`` plus its non-persistent buffers (router state such as EMA
     thresholds and balancing biases survives either way), optimizer, scheduler and grad-scaler
     states, ``step``, history, config, every global RNG state, and ``extra`` (free-form). A reader
     never sees a half-written file: a crash leaves the previous checkpoint in place.
+
+    ``planned_steps``: the run's planned step count; the checkpoint records ``completed`` (True
+    when ``step >= planned_steps``), so a reader can tell a finished run from an interrupted one.
+    None (not part of a planned run): never ``completed``.
 
     Returns the path written.
     """
@@ -559,6 +678,8 @@ def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "step": int(step),
+        "planned_steps": int(planned_steps) if planned_steps is not None else None,
+        "completed": planned_steps is not None and step >= planned_steps,
         "model": model.state_dict(),
         "buffers": _non_persistent_buffers(model),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -573,6 +694,50 @@ def save_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
     return path
 
 
+def read_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """The payload of a :func:`save_checkpoint` file, checked, without loading it into anything.
+
+    Safe deserialisation (``torch.load(weights_only=True)``) on the CPU.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is empty, truncated, not a torch file, holds objects that safe
+            loading refuses, or is not a moe_lite checkpoint (of a version this moe_lite reads).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint", path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise  # the OS error names the file and the problem already
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path} holds objects that safe loading (torch.load weights_only=True) "
+                              f"refuses; it was not written by moe_lite.train.save_checkpoint "
+                              f"({_first_line(err)})", path) from err
+    except (OSError, EOFError, RuntimeError, KeyError, ValueError) as err:
+        # torch's errors for a cut-short or foreign file: "[Errno 22]", "EOFError", "KeyError: 101"...
+        raise CheckpointError(f"{path} is truncated or not a torch checkpoint file ({path.stat().st_size} "
+                              f"bytes; {type(err).__name__}: {_first_line(err)})", path) from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a moe_lite checkpoint (written by "
+                              f"moe_lite.train.save_checkpoint)", path)
+    version = payload.get("version", 0)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {version!r}; this moe_lite reads up to "
+                              f"{CHECKPOINT_VERSION}: upgrade moe_lite", path)
+    if "step" not in payload or not isinstance(payload.get("model"), Mapping):
+        raise CheckpointError(f"{path} is a damaged moe_lite checkpoint (no step or model state)", path)
+    return payload
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
+
+
 def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     scheduler: Optional[Any] = None, *, scaler: Optional[Any] = None,
                     restore_rng: bool = False, strict: bool = True) -> Dict[str, Any]:
@@ -580,29 +745,64 @@ def load_checkpoint(path: PathLike, model: nn.Module, optimizer: Optional[torch.
 
     Parameters and buffers come back bit for bit, on the model's current device. Global RNG states
     are restored only with ``restore_rng=True`` (what resuming training needs; merely loading
-    weights into a notebook should not reseed it).
+    weights into a notebook should not reseed it). A checkpoint that does not fit the model
+    (missing or unexpected entries with ``strict``, or a shape that differs) is refused before
+    anything is loaded, so the model is left as it was.
 
-    Returns the whole payload: ``step``, ``history`` (dict), ``config`` (dict), ``rng``, ``extra``...
+    Returns the whole payload: ``step``, ``planned_steps``, ``completed``, ``history`` (dict),
+    ``config`` (dict), ``rng``, ``extra``...
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: (a ``ValueError``) the file is not a readable moe_lite checkpoint
+            (:func:`read_checkpoint`), or does not fit ``model`` / the optimizer; the message names
+            the path and what is wrong.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a moe_lite checkpoint (written by moe_lite.train.save_checkpoint)")
-    if payload.get("version", 0) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path} has checkpoint version {payload['version']}; this moe_lite reads "
-                         f"up to {CHECKPOINT_VERSION}: upgrade moe_lite")
-    model.load_state_dict(payload["model"], strict=strict)
-    _load_buffers(model, payload.get("buffers") or {}, strict)
-    for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-        if target is not None:
-            if payload.get(name) is None:
-                raise ValueError(f"{path} holds no {name} state")
-            target.load_state_dict(payload[name])
+    payload = read_checkpoint(path)
+    buffers = payload.get("buffers") or {}
+    problem = _mismatch(model, payload["model"], buffers, strict)
+    if problem:
+        raise CheckpointError(f"{path} does not fit this model ({type(model).__name__}): {problem}", path)
+    try:
+        model.load_state_dict(payload["model"], strict=strict)
+        _load_buffers(model, buffers, strict)
+        for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            if target is not None:
+                if payload.get(name) is None:
+                    raise CheckpointError(f"{path} holds no {name} state", path)
+                target.load_state_dict(payload[name])
+    except (RuntimeError, ValueError, KeyError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} does not fit this model or its training state "
+                              f"({type(model).__name__}): {type(err).__name__}: {_first_line(err)}", path) from err
     if restore_rng:
         _set_rng_state(payload["rng"])
     return payload
+
+
+def _mismatch(model: nn.Module, state: Mapping[str, Any], buffers: Mapping[str, Any], strict: bool) -> str:
+    """What keeps ``state`` (a state_dict) and ``buffers`` from loading into ``model``; "" if nothing."""
+    own = {**model.state_dict(), **dict(model.named_buffers())}
+    saved = {**state, **buffers}
+    problems = []
+    if strict:
+        missing = [k for k in own if k not in saved]
+        unexpected = [k for k in saved if k not in own]
+        if missing:
+            problems.append(f"missing {_some(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {_some(unexpected)}")
+    shapes = [f"{k} {list(v.shape)} in the file, {list(own[k].shape)} in the model" for k, v in saved.items()
+              if k in own and isinstance(v, Tensor) and v.shape != own[k].shape]
+    if shapes:
+        problems.append("shape of " + _some(shapes))
+    return "; ".join(problems)
+
+
+def _some(items: Sequence[str], limit: int = 4) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _load_buffers(model: nn.Module, buffers: Mapping[str, Tensor], strict: bool) -> None:
@@ -720,6 +920,15 @@ def _non_finite_part(record: Mapping[str, Any], check_grad: bool) -> Optional[st
     return None
 
 
+def _non_finite_tensor(model: nn.Module) -> Optional[Tuple[str, float]]:
+    """``("parameter <name>", nan or inf)`` for the first parameter (then buffer) holding NaN or inf."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"{kind} {name}", float("nan") if bool(torch.isnan(tensor).any()) else float("inf")
+    return None
+
+
 def _non_finite_metric(metrics: Mapping[str, Any]) -> Optional[str]:
     """The first non-finite loss-like metric (keys containing "loss"; every float metric if none)."""
     floats = {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -755,6 +964,9 @@ class _Loop:
         self.log = _StepLog()
         self.step, self.last_eval_step, self.stop_reason = 0, -1, ""
         self.saved: Optional[Tuple[int, int]] = None  # (step, file size) of the last checkpoint
+        self.saved_completed = False  # whether that checkpoint records a finished run
+        # callbacks whose state travels with the checkpoints (e.g. a statistics recorder)
+        self.stateful = [cb for cb in self.callbacks if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")]
         self.epoch_start: Optional[Dict[str, Any]] = None
         self.resume_payload: Optional[Dict[str, Any]] = None
         self.bar: Optional[Any] = None
@@ -768,11 +980,27 @@ class _Loop:
         self.step = self.last_eval_step = int(payload["step"])
         self.history = History.from_dict(payload.get("history") or {})
         self.history.device, self.history.stop_reason = str(self.device), ""
+        if self.history.planned_steps is not None:  # a time budget had shrunk the plan: keep it
+            self.total_steps = self.history.planned_steps
         _set_loader_state(self.train_loader, payload["extra"].get("loader_rng", []))
         _warn_config_changes(payload.get("config") or {}, self.config)
+        self._restore_callbacks(payload["extra"].get("callbacks"), path)
         self.resume_payload = payload
         if self.config.checkpoint and Path(self.config.checkpoint).resolve() == path.resolve():
             self.saved = (self.step, path.stat().st_size)
+            self.saved_completed = bool(payload.get("completed"))
+
+    def _restore_callbacks(self, states: Optional[Sequence[Any]], path: Path) -> None:
+        if states is None:
+            if self.stateful:
+                warnings.warn(f"{path} holds no callback states: the stateful callbacks restart empty", stacklevel=4)
+            return
+        if len(states) != len(self.stateful):
+            warnings.warn(f"{path} holds the states of {len(states)} callbacks but {len(self.stateful)} "
+                          f"stateful callbacks were given: they restart empty", stacklevel=4)
+            return
+        for callback, state in zip(self.stateful, states):
+            callback.load_state_dict(state)
 
     def _epoch_batches(self, skip: int) -> Iterator[Any]:
         """An iterator over this epoch's batches, positioned after ``skip`` already-trained ones."""
@@ -804,6 +1032,9 @@ class _Loop:
                 self._run_epoch()
             if self.last_eval_step != self.step:
                 self._evaluate_and_save()
+            if self.config.checkpoint and self.step >= self.total_steps and not self.saved_completed:
+                # resumed from a finished run's checkpoint that did not record it (an older moe_lite)
+                self._save(Path(self.config.checkpoint))
             self.history.stop_reason = self.stop_reason or "completed"
         finally:
             self.history.wall_time_s = self._wall_time()
@@ -833,8 +1064,11 @@ class _Loop:
 
     def _train_step(self, batch: Any, epoch: int) -> None:
         batch = to_device(batch, self.device)
-        with _autocast(self.device, self.amp_dtype):
-            task_loss, logs = self.task.loss(self.model, batch)
+        try:
+            with _autocast(self.device, self.amp_dtype):
+                task_loss, logs = self.task.loss(self.model, batch)
+        except NonFiniteError as err:  # e.g. a router given NaN/inf logits: divergence, not a bug
+            raise self._forward_diverged(self.step + 1, err) from err
         aux = aux_loss(self.model)
         parts = aux_losses(self.model)
         loss = task_loss.float() + aux.float()
@@ -863,9 +1097,8 @@ class _Loop:
         self.step += 1
 
     def _after_step(self, epoch: int) -> None:
-        every = self.config.eval_every or self.steps_per_epoch
-        if self.step % every == 0:
-            self._evaluate_and_save()
+        # "step" callbacks first: they see this step's training forward (not the evaluation's), and a
+        # checkpoint written at this step holds their state after it (exact resume)
         if self._call("step", {"step": self.step, "epoch": epoch}):
             self.stop_reason = "callback"
         budget = self.config.time_budget_s
@@ -873,12 +1106,15 @@ class _Loop:
             self._fit_plan_to_budget(budget)
         if budget is not None and time.perf_counter() - self.t0 >= budget and not self.stop_reason:
             self.stop_reason = "time_budget"
+        every = self.config.eval_every or self.steps_per_epoch
+        if self.step % every == 0:
+            self._evaluate_and_save()
 
     def _fit_plan_to_budget(self, budget: float) -> None:
         """Shrink the planned steps (and the cosine with them) to what the budget affords."""
         steps_done = self.step - self.run_start_step
         seconds_per_step = (time.perf_counter() - self.t0) / max(steps_done, 1)
-        affordable = int(0.9 * budget / max(seconds_per_step, 1e-9))
+        affordable = self.run_start_step + int(0.9 * budget / max(seconds_per_step, 1e-9))  # this run's budget
         if affordable < self.total_steps:
             self.total_steps = max(self.step + 1, affordable)
             self.scheduler.lr_lambdas[0].total_steps = self.total_steps
@@ -910,8 +1146,11 @@ class _Loop:
         epoch = max(0, self.step - 1) // self.steps_per_epoch
         record: Dict[str, Any] = {"step": self.step, "epoch": epoch, "wall_time_s": self._wall_time()}
         if self.eval_loader is not None:
-            metrics = evaluate(self.model, self.task, self.eval_loader, device=self.device,
-                               amp=self.config.amp, log_routing=self.config.log_routing, seed=self.config.seed)
+            try:
+                metrics = evaluate(self.model, self.task, self.eval_loader, device=self.device,
+                                   amp=self.config.amp, log_routing=self.config.log_routing, seed=self.config.seed)
+            except NonFiniteError as err:
+                raise self._forward_diverged(self.step, err, during_eval=True) from err
             bad = _non_finite_metric(metrics)
             if bad is not None:
                 raise self._diverged(self.step, f"eval {bad}", metrics[bad], metrics, during_eval=True)
@@ -927,22 +1166,41 @@ class _Loop:
     def _save(self, path: Path) -> None:
         self.history.wall_time_s = self._wall_time()
         extra = {"loader_rng": [g.get_state() for g in _loader_generators(self.train_loader)],
-                 "epoch_start_rng": self.epoch_start}
-        save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.step, self.history,
-                        self.config, scaler=self.scaler, extra=extra)
+                 "epoch_start_rng": self.epoch_start, "callbacks": [cb.state_dict() for cb in self.stateful]}
+        completed = self.step >= self.total_steps
+        history = self.history.to_dict()
+        if completed:  # the final checkpoint: its history says how the run ended
+            history["stop_reason"] = self.stop_reason or "completed"
+        save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.step, history,
+                        self.config, scaler=self.scaler, extra=extra, planned_steps=self.total_steps)
         self.saved = (self.step, path.stat().st_size)
+        self.saved_completed = completed
+
+    def _forward_diverged(self, step: int, err: NonFiniteError, during_eval: bool = False) -> TrainingDiverged:
+        """The divergence error for a forward that met NaN/inf (raised by a router or layer)."""
+        self._flush()  # with deferred checks an earlier step's non-finite loss is the real start
+        found = _non_finite_tensor(self.model)  # host syncs, on this error path only
+        if found is not None:
+            part, value = found
+            detail = f"{part} holds {value}"
+        else:
+            part, value = "forward", float("nan")
+            detail = "the parameters and buffers are finite (an activation overflowed, or the input is not finite)"
+        what = f"a non-finite value inside the forward, {type(err).__name__}: {_first_line(err)}; {detail}"
+        return self._diverged(step, part, value, {}, during_eval=during_eval, what=what)
 
     def _diverged(self, step: int, part: str, value: float, record: Mapping[str, Any],
-                  during_eval: bool = False) -> TrainingDiverged:
+                  during_eval: bool = False, what: Optional[str] = None) -> TrainingDiverged:
         losses = ", ".join(f"{k}={record[k]:.4g}" for k in ("task_loss", "aux_loss", "loss")
                            if isinstance(record.get(k), float) and k != part)
+        what = what or f"{part} is {value} ({losses})"
         if during_eval:
             where = "in the evaluation after it, so it was not checkpointed"
         elif self.sync_every == 1:
             where = "before its optimizer step"
         else:
             where = f"(checked every {self.sync_every} steps, so later steps may have run)"
-        message = (f"training diverged at step {step}: {part} is {value} ({losses}); stopped {where}. "
+        message = (f"training diverged at step {step}: {what}; stopped {where}. "
                    f"{self._checkpoint_note()} Try a lower lr, a smaller grad_clip, or amp='off'.")
         if self.bar is not None:
             self.bar.close()
@@ -1004,8 +1262,10 @@ def fit(model: nn.Module, task: Task, train_loader: Iterable[Any], eval_loader: 
             evaluation records and checkpoints are still made, without metrics.
         config: a :class:`TrainConfig` (defaults if None).
         callbacks: callables ``cb(event, info)`` with ``event`` in ``"step"`` (after each optimizer
-            step), ``"eval"`` (info is the record) and ``"end"``; ``info`` also holds ``model`` and
-            ``history``. Returning True stops training cleanly (final evaluation and checkpoint).
+            step, before that step's evaluation), ``"eval"`` (info is the record) and ``"end"``;
+            ``info`` also holds ``model`` and ``history``. Returning True stops training cleanly
+            (final evaluation and checkpoint). Callbacks with ``state_dict()`` / ``load_state_dict()``
+            are saved in every checkpoint and restored on resume.
         resume: a checkpoint path (or True: ``config.checkpoint``) to continue from, with its
             optimizer, scheduler, RNG and data position; the config should match the first run's.
 
@@ -1013,7 +1273,9 @@ def fit(model: nn.Module, task: Task, train_loader: Iterable[Any], eval_loader: 
         The :class:`History`.
 
     Raises:
-        TrainingDiverged: a loss became NaN/inf; the last good checkpoint is left intact.
+        TrainingDiverged: a loss became NaN/inf, or the forward met NaN/inf; the last good checkpoint
+            is left intact.
+        CheckpointError: ``resume`` is not a readable checkpoint of this model.
     """
     config = config if config is not None else TrainConfig()
     loop = _Loop(model, task, train_loader, eval_loader, config, callbacks or ())

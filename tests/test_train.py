@@ -6,6 +6,7 @@ on 8x8 synthetic images, so each test trains in well under a second.
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from moe_lite.layers import MoE, MoELayer, moe_layers
-from moe_lite.routers import BiasBalanced, Race
+from moe_lite.routers import BiasBalanced, Race, TopK
 from moe_lite.train import (
     ClassificationTask,
     History,
@@ -128,6 +129,35 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="min_lr_ratio"):
         TrainConfig(min_lr_ratio=2.0)
     assert TrainConfig(epochs=3).total_steps(10) == 30 and TrainConfig(max_steps=7).total_steps(10) == 7
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lr", float("inf")), ("lr", float("nan")), ("lr", 0.0), ("lr", "1e-3"), ("lr", True),
+    ("max_steps", 2.5), ("max_steps", 3.0), ("max_steps", 0), ("max_steps", True),
+    ("epochs", 1.5), ("epochs", 0), ("epochs", "2"),
+    ("weight_decay", float("inf")), ("weight_decay", float("nan")), ("weight_decay", -0.1),
+    ("warmup_fraction", float("nan")), ("warmup_fraction", 1.0), ("warmup_steps", 2.5), ("warmup_steps", -1),
+    ("min_lr_ratio", float("nan")), ("grad_clip", float("inf")), ("grad_clip", float("nan")), ("grad_clip", 0),
+    ("batch_size", 0.5), ("batch_size", 0), ("amp", None), ("seed", 1.5), ("seed", "0"), ("seed", None),
+    ("device", 3), ("eval_every", 2.0), ("eval_every", 0), ("checkpoint", 5), ("progress", "yes"),
+    ("time_budget_s", float("inf")), ("time_budget_s", float("nan")), ("time_budget_s", 0),
+    ("log_routing", 1), ("sync_every", 1.5), ("sync_every", 0),
+])
+def test_config_rejects_each_bad_field_by_name(field, value):
+    with pytest.raises(ValueError, match=rf"TrainConfig: {field} must be .*got {re.escape(repr(value))}"):
+        TrainConfig(**{field: value})
+
+
+def test_config_accepts_numpy_numbers_as_plain_python_values(tmp_path):
+    import numpy as np
+
+    cfg = TrainConfig(max_steps=np.int64(3), lr=np.float32(0.5), seed=np.int64(7), batch_size=np.int32(4))
+    assert (cfg.max_steps, cfg.lr, cfg.seed, cfg.batch_size) == (3, 0.5, 7, 4)
+    assert all(type(v) in (int, float) for v in (cfg.max_steps, cfg.lr, cfg.seed, cfg.batch_size))
+    # plain values are what safe (weights_only) loading of a checkpoint's config accepts
+    path = save_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), config=cfg)
+    assert load_checkpoint(path, nn.Linear(2, 2))["config"]["max_steps"] == 3
+    assert TrainConfig(epochs=0, max_steps=5).total_steps(10) == 5  # epochs is ignored with max_steps
 
 
 def test_classification_task_loss_and_evaluate():
@@ -275,6 +305,98 @@ def test_load_rejects_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "missing.pt", new_model(0))
 
 
+def _checkpoint_bytes(tmp_path):
+    return save_checkpoint(tmp_path / "good.pt", new_model(0), step=1).read_bytes()
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("empty", "is empty"), ("truncated", "truncated or not a torch checkpoint"),
+    ("text", "truncated or not a torch checkpoint"), ("json", "refuses"), ("list", "not a moe_lite checkpoint"),
+])
+def test_bad_checkpoint_files_name_the_path_and_the_problem(tmp_path, kind, expected):
+    import moe_lite.train as train_mod
+
+    good = _checkpoint_bytes(tmp_path)
+    path = tmp_path / f"{kind}.pt"
+    if kind == "list":
+        torch.save([1, 2], path)
+    else:
+        path.write_bytes({"empty": b"", "truncated": good[: len(good) // 2], "text": b"hello world\n",
+                          "json": b"".join([b"\x80\x02c", b"os\nsystem\n", b"q\x00."])}[kind])
+    for load in (lambda: load_checkpoint(path, new_model(0)),
+                 lambda: fit(new_model(0), ClassificationTask(), *loaders(), config(max_steps=2), resume=path)):
+        with pytest.raises(train_mod.CheckpointError) as info:
+            load()
+        assert str(path) in str(info.value) and expected in str(info.value)
+        assert isinstance(info.value, ValueError)
+
+
+def test_checkpoint_of_another_architecture_is_named_and_leaves_the_model_alone(tmp_path):
+    import moe_lite.train as train_mod
+
+    path = save_checkpoint(tmp_path / "small.pt", nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)), step=1)
+    other = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 3))  # same keys, one shape differs
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(train_mod.CheckpointError, match=r"small\.pt.*does not fit.*1\.weight.*\[2, 2\].*\[3, 2\]"):
+        load_checkpoint(path, other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # nothing half-loaded
+    with pytest.raises(train_mod.CheckpointError, match=r"small\.pt.*does not fit.*missing.*2\.weight"):
+        load_checkpoint(path, nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2), nn.Linear(2, 2)))
+    with pytest.raises(train_mod.CheckpointError, match=r"small\.pt.*does not fit.*unexpected.*1\.weight"):
+        load_checkpoint(path, nn.Sequential(nn.Linear(3, 2)))
+    # non-strict loading still skips missing / unexpected keys
+    assert load_checkpoint(path, nn.Sequential(nn.Linear(3, 2)), strict=False)["step"] == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoints_respect_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+KILLED_SAVE = """
+import os, sys, torch
+from moe_lite.train import atomic_save
+def killed(obj, file):  # the process dies half-way through writing
+    file.write(b"partial")
+    file.flush()
+    os._exit(9)
+torch.save = killed
+atomic_save({"a": 1}, sys.argv[1])
+"""
+
+
+def kill_a_save(path):
+    """Run a save of ``path`` in a process that dies mid-write; returns the temporary file it left."""
+    import subprocess
+    import sys
+
+    before = set(path.parent.iterdir()) if path.parent.exists() else set()
+    assert subprocess.run([sys.executable, "-c", KILLED_SAVE, str(path)]).returncode == 9
+    (left,) = set(path.parent.iterdir()) - before
+    return left
+
+
+def test_saving_removes_temporary_files_of_killed_saves(tmp_path):
+    from moe_lite.train import atomic_save
+
+    stray = kill_a_save(tmp_path / "c.pt")
+    assert stray.name.startswith(".c.pt.") and stray.name.endswith(".tmp")
+    other = tmp_path / (".d.pt." + stray.name[len(".c.pt."):])  # another checkpoint's: left to its saves
+    old = tmp_path / ".c.pt.x1y2z3.tmp"  # an unknown writer's, untouched for two days
+    live = tmp_path / stray.name.replace(stray.name.split("-")[-1].split(".")[0], str(os.getppid()))
+    for p in (old, live, other):
+        p.write_bytes(b"partial")
+    os.utime(old, (0, 0))
+    assert live != stray  # a save in flight in a live process (pytest's parent): left alone
+    atomic_save({"a": 1}, tmp_path / "c.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c.pt", live.name, other.name])
+
+
 @pytest.mark.parametrize("stop_step", [4, 6])  # mid-epoch and at an epoch boundary (6 steps/epoch)
 def test_resume_reproduces_uninterrupted_training(tmp_path, stop_step):
     train, test = loaders()
@@ -366,6 +488,66 @@ def test_non_finite_evaluation_is_divergence_and_is_not_checkpointed(tmp_path):
     assert "No checkpoint had been written" in str(info.value)
 
 
+class Routed(nn.Module):
+    """8x8 image -> 4 patch tokens -> one MoE layer with the given router -> logits."""
+
+    def __init__(self, router):
+        super().__init__()
+        self.embed = nn.Linear(16, 16)
+        self.moe = MoE(16, 16, 4, router)
+        self.head = nn.Linear(4 * 16, NUM_CLASSES)
+
+    def forward(self, x):
+        h = self.embed(x.reshape(x.shape[0], 1, 2, 4, 2, 4).permute(0, 2, 4, 1, 3, 5).reshape(x.shape[0], 4, 16))
+        return self.head((h + self.moe(h)).flatten(1))
+
+
+def routed(name):
+    torch.manual_seed(0)
+    return Routed(Race(k=1) if name == "race" else TopK(2))
+
+
+def poison_at(event_name, step):
+    """A callback that makes one weight of the embedding infinite at ``event_name`` of ``step``."""
+    def callback(event, info):
+        if event == event_name and info["step"] == step:
+            with torch.no_grad():
+                info["model"].embed.weight[0, 0] = float("inf")
+    return callback
+
+
+@pytest.mark.parametrize("router", ["race", "topk"])
+def test_non_finite_weights_inside_the_forward_are_divergence(tmp_path, router):
+    # the router sees non-finite logits and raises NonFiniteError: the trainer reports the step and the
+    # broken parameter, keeps the step-2 checkpoint, and advises
+    path = tmp_path / "ckpt.pt"
+    model = routed(router)
+    with pytest.raises(TrainingDiverged, match=r"step 3: .*non-finite.*embed\.weight.*lower lr") as info:
+        fit(model, ClassificationTask(), *loaders(), config(eval_every=2, checkpoint=path), [poison_at("eval", 2)])
+    err = info.value
+    assert err.step == 3 and err.checkpoint_step == 2 and "embed.weight" in err.part
+    assert "last good checkpoint (step 2) is intact" in str(err)
+    assert [s["step"] for s in err.history.steps] == [1, 2]
+    restored = routed(router)
+    assert load_checkpoint(path, restored)["step"] == 2
+    assert all(torch.isfinite(p).all() for p in restored.parameters())
+
+
+@pytest.mark.parametrize("router", ["race", "topk"])
+def test_a_huge_lr_is_divergence_for_every_router(router):
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+") as info:
+        fit(routed(router), ClassificationTask(), *loaders(), config(lr=1e30, warmup_steps=0))
+    assert info.value.step >= 2 and "lower lr" in str(info.value)
+
+
+def test_non_finite_forward_in_the_evaluation_is_divergence_and_is_not_checkpointed(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(TrainingDiverged, match=r"step 2: .*embed\.weight.*not checkpointed") as info:
+        fit(routed("race"), ClassificationTask(), *loaders(), config(eval_every=2, checkpoint=path),
+            [poison_at("step", 2)])
+    assert info.value.checkpoint is None and not path.exists()
+
+
 def test_resume_warns_when_the_schedule_changes(tmp_path):
     train, test = loaders()
     path = tmp_path / "ckpt.pt"
@@ -412,6 +594,31 @@ def test_time_budget_shrinks_the_plan_so_the_cosine_completes(monkeypatch):
     assert history.steps[-1]["step"] == history.planned_steps
     assert history.steps[-1]["lr"] < 0.05 * 1e-2  # the cosine reached its end
     assert history.stop_reason == "completed"
+
+
+def test_a_resumed_run_keeps_the_plan_its_budget_shrank(monkeypatch, tmp_path):
+    import moe_lite.train as train_mod
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: clock["t"])
+
+    class Tick(torch.nn.Linear):
+        def forward(self, x):
+            clock["t"] += 1.0  # every forward costs one "second"
+            return super().forward(x)
+
+    x, y = torch.randn(400, 3), torch.randint(0, 2, (400,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    cfg = TrainConfig(epochs=2, lr=1e-2, time_budget_s=100.0, progress=False, log_routing=False,
+                      checkpoint=tmp_path / "c.pt")
+    stop = lambda event, info: event == "step" and info["step"] == 85  # noqa: E731
+    first = fit(Tick(3, 2), ClassificationTask(), loader, None, cfg, [stop])
+    planned = first.planned_steps
+    assert planned is not None and 85 < planned < 200 and first.stop_reason == "callback"
+    resumed = fit(Tick(3, 2), ClassificationTask(), loader, None, cfg, resume=True)
+    # the resumed run ends where the shrunk cosine ends, not past it at the minimum lr
+    assert resumed.steps[-1]["step"] == planned and resumed.stop_reason == "completed"
+    assert load_checkpoint(tmp_path / "c.pt", Tick(3, 2))["completed"] is True
 
 
 def test_without_a_budget_the_plan_is_kept():

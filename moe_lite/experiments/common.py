@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from ..layers import moe_layers, routing_stats
 from ..routing import by_label
-from ..train import ClassificationTask, History, TrainConfig, fit, load_checkpoint
+from ..train import (CheckpointError, ClassificationTask, History, TrainConfig, fit, load_checkpoint,
+                     read_checkpoint, remove_stale_temporaries)
 from .core import Dataset, RunContext
 
 
@@ -83,32 +84,58 @@ def data_fingerprint(dataset: Any) -> str:
 def cached_fit(experiment: str, name: str, model: nn.Module, task: Any, train_loader: Any, eval_loader: Any,
                config: TrainConfig, ctx: RunContext, key: Sequence[Any] = (),
                callbacks: Sequence[Callable] = ()) -> History:
-    """:func:`moe_lite.train.fit`, unless the run context holds a checkpoint of this exact run
-    (same model config, train config, data, size, seed): then the model is loaded from it and its
-    history returned, without training. New runs write their checkpoint there.
+    """:func:`moe_lite.train.fit` with a checkpoint cache for this exact run (same model config, train
+    config, data, size, seed) in the run context's cache folder. Prints one line saying which case held:
 
-    Callbacks with ``state_dict()`` / ``load_state_dict()`` (e.g. :class:`StepStats`) are saved
-    beside the checkpoint (``.callbacks.json``) and restored with it.
+    - a checkpoint of the *finished* run (it records that its planned schedule completed): the model
+      and the callbacks' states are loaded from it and its history returned, without training;
+    - a checkpoint of an interrupted run (a stopped kernel, a killed process, a divergence): training
+      resumes from it, bit for bit as if it had never stopped (a diverged run diverges again);
+    - an unreadable file, or one without a completion record (older moe_lite): trained from scratch;
+    - no file: trained from scratch.
+
+    Callbacks with ``state_dict()`` / ``load_state_dict()`` (e.g. :class:`StepStats`) travel in the
+    checkpoint. Training writes its checkpoints there (every evaluation); ``ctx.reuse=False``
+    retrains and overwrites.
     """
     train_config = {k: v for k, v in config.to_dict().items() if k not in ("checkpoint", "progress")}
     path = ctx.checkpoint_path(experiment, name, getattr(model, "config", None), train_config,
                                data_fingerprint(train_loader.dataset), *key)
-    stateful = [cb for cb in callbacks if hasattr(cb, "state_dict")]
-    sidecar = path.with_suffix(".callbacks.json") if path is not None else None
-    if path is not None and ctx.reuse and path.is_file():
-        payload = load_checkpoint(path, model)
-        model.to(ctx.device).eval()
-        if stateful and sidecar.is_file():
-            for cb, state in zip(stateful, json.loads(sidecar.read_text())):
-                cb.load_state_dict(state)
-        if ctx.progress:
-            print(f"[{name}] loaded the cached checkpoint {path} (delete it, or pass reuse=False, to retrain)")
-        return History.from_dict(payload["history"])
     config.checkpoint = str(path) if path is not None else None
-    history = fit(model, task, train_loader, eval_loader, config, callbacks=list(callbacks))
-    if sidecar is not None and stateful:
-        sidecar.write_text(json.dumps([cb.state_dict() for cb in stateful]))
-    return history
+    resume = None
+    if path is not None and ctx.reuse and path.is_file():
+        remove_stale_temporaries(path)  # left by a save killed mid-write
+        try:
+            payload = read_checkpoint(path)
+            if payload.get("completed") is True:
+                return _load_finished(path, payload, name, model, callbacks, ctx)
+            if payload.get("planned_steps") is None:
+                print(f"[{name}] {path} has no completion record (an older moe_lite wrote it): retraining")
+            else:
+                print(f"[{name}] resuming the interrupted run in {path} from step {payload['step']} "
+                      f"of {payload['planned_steps']}")
+                resume = path
+        except CheckpointError as err:  # nothing was loaded into the model or the callbacks
+            print(f"[{name}] cannot use the cached checkpoint: {err}; retraining from scratch")
+    return fit(model, task, train_loader, eval_loader, config, callbacks=list(callbacks), resume=resume)
+
+
+def _load_finished(path: Path, payload: Dict[str, Any], name: str, model: nn.Module,
+                   callbacks: Sequence[Callable], ctx: RunContext) -> History:
+    """Load the finished cached run ``payload`` (read from ``path``) into ``model`` and the stateful
+    ``callbacks``; a :class:`CheckpointError`, with nothing loaded, when it does not fit them."""
+    stateful = [cb for cb in callbacks if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")]
+    states = payload["extra"].get("callbacks") or []
+    if len(states) != len(stateful):
+        raise CheckpointError(f"{path} holds the states of {len(states)} callbacks, not of the {len(stateful)} "
+                              f"given", path)
+    load_checkpoint(path, model)  # refuses one that does not fit, leaving the model as it was
+    for callback, state in zip(stateful, states):
+        callback.load_state_dict(state)
+    model.to(ctx.device).eval()
+    print(f"[{name}] loaded the finished run ({payload['step']} steps) from {path} "
+          f"(delete it, or pass reuse=False, to retrain)")
+    return History.from_dict(payload["history"])
 
 
 def train_classifier(name: str, model: nn.Module, ctx: RunContext, size: ClassifySize, seed: int,
