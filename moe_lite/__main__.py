@@ -3,6 +3,9 @@
 
 Each experiment writes ``<out>/<name>.json`` (every metric, the config and the wall time) and
 ``<out>/<name>.html`` (a self-contained report with its plotly figures).
+
+A user mistake (a bad argument, environment size, device, seed, input file or output path) is
+reported as one line on stderr with exit code 2, before any training.
 """
 from __future__ import annotations
 
@@ -11,10 +14,19 @@ import sys
 from typing import List, Optional
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as a :class:`UsageError` (one line) instead of usage + exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from .experiments.report import UsageError
+
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from .experiments import DATA_CHOICES, EXPERIMENTS, SIZES
 
-    parser = argparse.ArgumentParser(prog="python -m moe_lite", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m moe_lite", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one experiment, several, or all")
@@ -47,8 +59,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; returns the exit code (2, with one line on stderr, for a user mistake)."""
+    from .experiments.report import UsageError
+
+    try:
+        return _main(argv)
+    except UsageError as err:
+        print("error: " + " ".join(str(err).splitlines()), file=sys.stderr)
+        return 2
+
+
+def _main(argv: Optional[List[str]]) -> int:
     from .experiments import EXPERIMENTS, run_experiments
-    from .experiments.registry import UnknownVariant
 
     args = _build_parser().parse_args(argv)
     if args.command == "report":
@@ -64,17 +86,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{name:10s} {exp.description}")
         return 0
     names = list(EXPERIMENTS) if args.names == ["all"] else args.names
-    unknown = [n for n in names if n not in EXPERIMENTS]
-    if unknown:
-        print(f"unknown experiment(s): {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)} or 'all'",
-              file=sys.stderr)
-        return 2
-    try:
-        run_experiments(names, size=args.size, out=args.out, data=args.data, seeds=args.seeds,
-                        device=args.device, progress=not args.no_progress, variants=args.variants)
-    except UnknownVariant as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # run_experiments checks every argument and the output folder before any training
+    run_experiments(names, size=args.size, out=args.out, data=args.data, seeds=args.seeds,
+                    device=args.device, progress=not args.no_progress, variants=args.variants)
     return 0
 
 

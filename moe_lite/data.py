@@ -189,8 +189,8 @@ def read_idx(path: str | Path, kind: Literal["images", "labels"]) -> np.ndarray:
         uint8 ``[n, 28, 28]`` for images, uint8 ``[n]`` for labels (values checked to be 0..9).
 
     Raises:
-        DataError: naming ``path``, on a bad gzip stream, wrong magic, wrong dims, a byte length
-            that does not match the header, or labels outside 0..9.
+        DataError: naming ``path``, on a bad gzip stream, wrong magic, wrong dims, zero items, a
+            byte length that does not match the header, or labels outside 0..9.
     """
     path = Path(path)
     if kind not in IDX_MAGIC:
@@ -206,6 +206,8 @@ def read_idx(path: str | Path, kind: Literal["images", "labels"]) -> np.ndarray:
     dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     if kind == "images" and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
+    if dims[0] == 0:  # a valid IDX header, but nothing to train or evaluate on
+        raise DataError(f"{path}: holds no {kind} (the header says 0); replace it with a good copy")
     expected = header + int(np.prod(dims))
     if len(data) != expected:
         raise DataError(f"{path}: {len(data)} bytes (decompressed), expected {expected} for "
@@ -219,6 +221,8 @@ def read_idx(path: str | Path, kind: Literal["images", "labels"]) -> np.ndarray:
 def _check_pair(images: np.ndarray, labels: np.ndarray, where: str) -> None:
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"{where}: {images.shape[0]} images but {labels.shape[0]} labels")
+    if images.shape[0] == 0:
+        raise DataError(f"{where}: no images")
 
 
 def _has_idx(folder: Path) -> bool:

@@ -320,6 +320,25 @@ def test_count_mismatch_names_both_files(tmp_path):
     assert str(img) in str(info.value) and str(lbl) in str(info.value)
 
 
+@pytest.mark.parametrize("empty", ["images", "labels", "both"])
+def test_idx_copy_with_zero_images_is_an_error_naming_the_file(tmp_path, empty):
+    images, labels = synthetic_split(1, 0)
+    write_full(tmp_path)  # a good test split; the train split below is empty
+    img, lbl = write_split(tmp_path, "train", images[:0] if empty != "labels" else images,
+                           labels[:0] if empty != "images" else labels)
+    with pytest.raises(D.DataError, match="no (images|labels)") as info:
+        D.load_fashion_mnist(root=tmp_path, split="train")
+    assert str(lbl if empty == "labels" else img) in str(info.value)
+
+
+def test_npz_split_with_zero_images_is_an_error_naming_the_file(tmp_path):
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, train_images=np.zeros((0, 28, 28), np.uint8), train_labels=np.zeros(0, np.uint8),
+             test_images=np.zeros((2, 28, 28), np.uint8), test_labels=np.zeros(2, np.uint8))
+    with pytest.raises(D.DataError, match="empty.npz.*no images"):
+        D.load_fashion_mnist(root=empty, split="train")
+
+
 def test_corrupt_npz_is_an_error(tmp_path, isolated):
     truncated = tmp_path / "trunc.npz"
     truncated.write_bytes(isolated.read_bytes()[: isolated.stat().st_size // 2])

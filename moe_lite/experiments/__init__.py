@@ -17,6 +17,7 @@ from .core import (
     default_size,
 )
 from .registry import EXPERIMENTS, run_experiments
+from .report import UsageError
 
 __all__ = [
     "DATA_CHOICES",
@@ -27,4 +28,5 @@ __all__ = [
     "RunContext",
     "default_size",
     "run_experiments",
+    "UsageError",
 ]

@@ -4,10 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..train import pick_device
 from .adapt import run_adapt
-from .core import Experiment, ExperimentResult, RunContext
+from .core import Experiment, ExperimentResult, RunContext, resolve_size
 from .diffusion import run_dit, run_race
 from .dynamic import run_dynamic
+from .report import UsageError, check_output_folder
 from .vimoe import run_vimoe, run_vimoe_grid
 from .zoo import run_balance, run_zoo
 
@@ -24,8 +26,20 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
 ]}
 
 
-class UnknownVariant(ValueError):
+class UnknownVariant(UsageError):
     """A ``variants`` selection names something an experiment does not have."""
+
+
+#: seeds are 0 <= seed <= MAX_SEED: what every RNG they reach accepts (torch, NumPy's legacy
+#: ``RandomState`` takes < 2**32), with room for ``seed + offset`` in a 64-bit torch seed
+MAX_SEED = 2**32 - 1
+
+
+def check_seeds(seeds: Optional[Sequence[int]]) -> None:
+    """:class:`UsageError` naming the first seed that is not an int in ``[0, MAX_SEED]``."""
+    for seed in seeds or ():
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise UsageError(f"seed {seed!r}: seeds are integers from 0 to {MAX_SEED} (2**32 - 1)")
 
 
 #: the keyword through which each experiment takes a selection of variants, and their names
@@ -58,11 +72,26 @@ def run_experiments(names: Sequence[str], size: Optional[str] = None, out: str |
                     data: str = "auto", seeds: Optional[Sequence[int]] = None, device: str = "auto",
                     progress: bool = True, variants: Optional[Sequence[str]] = None) -> List[ExperimentResult]:
     """Run the named experiments in one process (data loaded once); save each as soon as it ends.
-    ``variants``: run only these variants of each experiment (see :func:`variant_kwargs`)."""
-    for name in names:
-        if name not in EXPERIMENTS:
-            raise ValueError(f"unknown experiment {name!r}; choose from {list(EXPERIMENTS)}")
-    selections = {name: variant_kwargs(name, variants) for name in names}  # fail before any training
+    ``variants``: run only these variants of each experiment (see :func:`variant_kwargs`).
+
+    Every argument, and that ``out`` is a folder that can be written, is checked before any data
+    is loaded or model trained: :class:`UsageError` naming the one at fault.
+    """
+    unknown = [name for name in names if name not in EXPERIMENTS]
+    if unknown:
+        raise UsageError(f"unknown experiment(s): {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)} "
+                         f"(the command line also takes 'all')")
+    selections = {name: variant_kwargs(name, variants) for name in names}
+    check_seeds(seeds)
+    try:
+        resolve_size(size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        pick_device(device)
+    except (RuntimeError, ValueError) as err:  # torch.device("bogus") raises RuntimeError
+        raise UsageError(str(err) if repr(device) in str(err) else f"device {device!r}: {err}") from None
+    check_output_folder(out, f"out {out}")
     ctx = RunContext.create(size, seeds, device, data, progress)
     results = []
     for name in names:

@@ -9,13 +9,62 @@ source and wall time, so the page never holds a number that no run produced.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 EXPERIMENT_ORDER = ("race", "dit", "dynamic", "vimoe-grid", "vimoe", "adapt", "zoo", "balance")
+
+
+class UsageError(ValueError):
+    """A bad argument or input file, found before any work; the message names it (the command line
+    prints it as one line and exits with code 2)."""
+
+
+def check_output_folder(folder: str | Path, what: str) -> Path:
+    """Create ``folder`` (and its parents) if needed and check a file can be written there, with a
+    probe file that is removed again; raises :class:`UsageError` naming ``what`` (the argument,
+    e.g. ``"out results/"``) and the folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".moe_lite-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = "a file of that name is in the way" if folder.is_file() else err.strerror or str(err)
+        raise UsageError(f"{what}: cannot create or write the folder {folder} ({reason})") from None
+    return folder
+
+
+#: the keys every record (a JSON file of ``run``) has, the optional ones, and their JSON types
+_RECORD_KEYS = {"name": str, "size": str, "tables": dict}
+_OPTIONAL_KEYS = {"config": dict, "notes": list, "wall_time_s": (int, float), "metrics": dict}
+
+
+def read_record(path: Path) -> Dict[str, Any]:
+    """One JSON file of ``run``, checked to have the shape the page needs; :class:`UsageError`
+    naming the file when it is unreadable, not JSON, or not such a record."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read ({err.strerror or err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{path}: a JSON {type(record).__name__}, expected the object 'run' writes")
+    for key, kind in {**_RECORD_KEYS, **_OPTIONAL_KEYS}.items():
+        if key not in record:
+            if key in _RECORD_KEYS:
+                raise UsageError(f"{path}: no {key!r}; not a result of 'python -m moe_lite run'")
+        elif not isinstance(record[key], kind) or isinstance(record[key], bool):
+            raise UsageError(f"{path}: {key!r} is a JSON {type(record[key]).__name__}; not a result of "
+                             f"'python -m moe_lite run'")
+    return record
 
 
 def _cell(value: Any) -> str:
@@ -69,10 +118,15 @@ def section(record: Dict[str, Any], figures: Optional[Mapping[str, str]] = None)
 
 
 def load_records(folder: str | Path) -> List[Dict[str, Any]]:
-    records = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    """Every ``*.json`` of ``folder`` (each must be a record of ``run``: see :func:`read_record`),
+    in the page's order; :class:`UsageError` when ``folder`` is not a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}; "
+                         f"give the folder where 'python -m moe_lite run' wrote its JSON files")
+    records = [read_record(p) for p in sorted(folder.glob("*.json"))]
     order = {name: i for i, name in enumerate(EXPERIMENT_ORDER)}
-    return sorted((r for r in records if "name" in r and "tables" in r),
-                  key=lambda r: (order.get(r["name"], len(order)), r["name"]))
+    return sorted(records, key=lambda r: (order.get(r["name"], len(order)), r["name"]))
 
 
 def render(records: Iterable[Dict[str, Any]], title: str = "moe_lite: measured results",
@@ -94,8 +148,27 @@ def write_report(folder: str | Path, out: str | Path | None = None, intro: str |
                  figures: str | Path | None = None, figure_format: str = "svg") -> str:
     """Render the page from ``folder``'s JSON files; optionally prepend the markdown file ``intro``
     and draw each experiment's summary figures into the folder ``figures`` (links are relative to
-    ``out``)."""
+    ``out``).
+
+    Every input and output is checked before anything is drawn or written: :class:`UsageError`
+    naming the file or folder at fault.
+    """
     records = load_records(folder)
+    intro_text = None
+    if intro is not None:
+        try:
+            intro_text = Path(intro).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"intro {intro}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+    if out is not None:
+        if Path(out).is_dir():
+            raise UsageError(f"out {out}: is a folder; give the markdown file to write")
+        check_output_folder(Path(out).parent, f"out {out}")
+    if figures is not None:
+        if figure_format in ("svg", "png") and importlib.util.find_spec("kaleido") is None:
+            raise UsageError(f"figures as {figure_format} need kaleido (pip install 'kaleido>=1'); "
+                             f"or use --figure-format html")
+        check_output_folder(figures, f"figures {figures}")
     links: Dict[str, Dict[str, str]] = {}
     if figures is not None:
         from .figures import write_figures
@@ -104,9 +177,8 @@ def write_report(folder: str | Path, out: str | Path | None = None, intro: str |
         for record in records:
             paths = write_figures(record, figures, fmt=figure_format)
             links[record["name"]] = {name: Path(os.path.relpath(path, base)).as_posix() for name, path in paths.items()}
-    text = render(records, intro=Path(intro).read_text() if intro is not None else None, figures=links)
+    text = render(records, intro=intro_text, figures=links)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
     return text
 
