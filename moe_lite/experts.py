@@ -397,6 +397,7 @@ class _ExpertMLP(torch.autograd.Function):
                 y_unweighted += b_rows
             y = y_unweighted * w_col
             saved = y_unweighted  # dL/dw_r = <g_r, y_r before weighting>
+            h = None  # the widest activation: recomputed by the backward (lower peak memory)
         out = x.new_zeros(x.shape).index_add_(0, plan.src, y)
         # x, weight and b_in only serve a double backward (x and weight are inputs: no extra memory)
         ctx.save_for_backward(xs, w_rows, h_in, h, saved, w_in, w_out, b_out, x, weight, b_in)
@@ -459,7 +460,7 @@ class _ExpertMLP(torch.autograd.Function):
                 g_weight = torch.linalg.vecdot(g, y_unweighted)
             g_scaled = g.mul_(w_col)  # dL/d(h @ w_out + b_out)
             if need_w_out:
-                g_w_out = _mm_weight_grad(plan, h, g_scaled)
+                g_w_out = _mm_weight_grad(plan, _act(h_in, ctx.activation), g_scaled)  # h recomputed
             if need_b_out:
                 g_b_out = torch.zeros(plan.num_experts, g.shape[1], dtype=g.dtype, device=g.device)
                 g_b_out.index_add_(0, plan.row_expert, g_scaled)

@@ -27,6 +27,7 @@ __all__ = [
     "FFN",
     "LinearGate",
     "MLPGate",
+    "CosineGate",
     "MoELayer",
     "MoE",
     "SoftMoE",
@@ -136,6 +137,65 @@ class MLPGate(nn.Module):
         return self.gate(h)
 
 
+class CosineGate(nn.Module):
+    """Cosine gate (X-MoE, Chi et al. 2022, arXiv 2204.09179): logits from normalised embeddings.
+
+    ``logits[b, l, e] = cos(W x[b, l], emb[e]) / temperature``: the token is projected to a low
+    dimension ``proj_dim`` (``W = Linear(dim, proj_dim, bias=False)``), then the token and every
+    expert embedding ``emb [E, proj_dim]`` are L2-normalised, so the logits lie in
+    ``[-1/temperature, 1/temperature]`` and an expert cannot win by the norm of its embedding
+    alone (X-MoE's remedy for representation collapse). ``[B, L, D] -> [B, L, E]``; any router
+    reads these logits (``MoE(..., gate=CosineGate(dim, E))``).
+
+    Args:
+        dim, num_experts: ``D`` and ``E``.
+        proj_dim: routing dimension (X-MoE uses a low one such as 16; default 16).
+        temperature: finite > 0 (default 0.5: logits in [-2, 2] at init, no expert dominates).
+        learn_temperature: learn it (default True, as X-MoE); it is kept as
+            ``log_scale = log(1 / temperature)`` (a parameter, or a buffer when fixed), so it stays
+            positive, and the scale ``1 / temperature`` is capped at ``1 / min_temperature``.
+        min_temperature: the floor of a learned temperature (default 0.01).
+    """
+
+    log_scale: Tensor
+
+    def __init__(self, dim: int, num_experts: int, proj_dim: int = 16, temperature: float = 0.5,
+                 learn_temperature: bool = True, min_temperature: float = 0.01):
+        super().__init__()
+        _check_pos_int("CosineGate", dim=dim, num_experts=num_experts, proj_dim=proj_dim)
+        for name, value in (("temperature", temperature), ("min_temperature", min_temperature)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"CosineGate: {name} must be a finite number > 0, got {value!r}")
+        if temperature < min_temperature:
+            raise ValueError(f"CosineGate: temperature={temperature} is below min_temperature={min_temperature}")
+        self.dim, self.num_experts, self.proj_dim = dim, num_experts, proj_dim
+        self.min_temperature = float(min_temperature)
+        self.proj = nn.Linear(dim, proj_dim, bias=False)
+        # only the directions count: orthogonal rows start the experts as far apart as proj_dim allows
+        self.expert_embedding = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, proj_dim)))
+        log_scale = torch.tensor(-math.log(temperature))
+        if learn_temperature:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature in use (after the cap), a Python float."""
+        return 1.0 / min(math.exp(float(self.log_scale.detach())), 1.0 / self.min_temperature)
+
+    def forward(self, x: Tensor) -> Tensor:
+        token = F.normalize(self.proj(x), dim=-1)  # [B, L, P]
+        expert = F.normalize(self.expert_embedding, dim=-1)  # [E, P]
+        scale = self.log_scale.clamp(max=-math.log(self.min_temperature)).exp()  # 1 / temperature
+        return scale * (token @ expert.t())  # [B, L, E]
+
+    def extra_repr(self) -> str:
+        learned = isinstance(self.log_scale, nn.Parameter)
+        return (f"dim={self.dim}, num_experts={self.num_experts}, proj_dim={self.proj_dim}, "
+                f"temperature={self.temperature:.4g}, learn_temperature={learned}")
+
+
 # ---- routed MoE ----------------------------------------------------------------------------------------
 class MoELayer(nn.Module):
     """Base of every layer the collectors find (:class:`MoE`, :class:`SoftMoE`; subclass it for more).
@@ -183,7 +243,9 @@ class MoE(MoELayer):
             :class:`FFN` of width ``num_shared * shared_hidden`` (the hidden units are independent),
             so ``.shared`` is that single FFN (or None).
         activation: ``"gelu"`` or ``"swiglu"`` for routed and shared experts.
-        gate: module ``x [B, L, D] -> logits [B, L, E]``; default :class:`LinearGate`.
+        gate: module ``x [B, L, D] -> logits [B, L, E]``; default :class:`LinearGate`. With a router
+            that scores extra null experts (:class:`~moe_lite.routers.NullExperts`, read off its
+            ``num_null``), the gate gives ``[B, L, E + num_null]`` logits (the default one is sized so).
         losses: ``{name: weight}`` with names from ``moe_lite.losses.REGISTRY``; ``None`` = none.
         dispatch: backend of :class:`~moe_lite.experts.Experts` (default ``"auto"``).
         bias: biases in routed and shared experts (default False).
@@ -223,7 +285,9 @@ class MoE(MoELayer):
         self.shared_hidden = shared_hidden or hidden
         self.dispatch = dispatch
         self.loss_weights = _loss_weights(losses)
-        self.gate = gate if gate is not None else LinearGate(dim, num_experts)
+        # NullExperts: the gate also scores the null experts; the routing is over the E real ones
+        self.gate_width = num_experts + getattr(router, "num_null", 0)
+        self.gate = gate if gate is not None else LinearGate(dim, self.gate_width)
         self.router = router
         self.experts = Experts(num_experts, dim, hidden, activation, bias=bias)
         self.shared = FFN(dim, num_shared * self.shared_hidden, activation, bias=bias) if num_shared else None
@@ -232,8 +296,8 @@ class MoE(MoELayer):
         _check_input("MoE", x, self.dim)
         b, l, d = x.shape
         logits = self.gate(x)  # [B, L, E]
-        if logits.shape != (b, l, self.num_experts):
-            raise ValueError(f"MoE: gate returned {tuple(logits.shape)}, expected {(b, l, self.num_experts)}")
+        if logits.shape != (b, l, self.gate_width):
+            raise ValueError(f"MoE: gate returned {tuple(logits.shape)}, expected {(b, l, self.gate_width)}")
         routing = self.router(logits, x=x, key=key)
         if routing.num_experts != self.num_experts:
             raise ValueError(f"MoE: router produced {routing.num_experts} experts, layer has {self.num_experts}")

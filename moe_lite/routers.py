@@ -15,8 +15,10 @@ problem only in training, ``BiasBalanced`` counts its load only in training.
 Routers: :class:`TopK`, :class:`Switch`, :class:`ExpertChoice`, :class:`TopP`, :class:`Race`,
 :class:`Hash`, :class:`BalancedAssignment`, :class:`BiasBalanced`, :class:`LearnedThreshold`;
 :func:`make_router` builds one by lowercase name. :class:`Capacity` wraps any router with a
-per-expert capacity (dropping); ``TopK`` and ``BiasBalanced`` take group-limited routing
-(``groups``, ``top_groups``).
+per-expert capacity (dropping), :class:`NullExperts` adds zero-compute null experts (AdaMoE);
+``TopK`` and ``BiasBalanced`` take group-limited routing (``groups``, ``top_groups``);
+``ExpertChoice`` takes its capacity factor and per-sample or per-batch groups. Cosine routing
+(X-MoE) is a gate: :class:`moe_lite.layers.CosineGate`.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ __all__ = [
     "LearnedThreshold",
     "InferenceThreshold",
     "Capacity",
+    "NullExperts",
     "ROUTERS",
     "make_router",
     "balanced_assignment",
@@ -72,7 +75,7 @@ def check_logits(logits: Any) -> Tuple[int, int, int]:
     if b * l == 0 or e == 0:
         raise ValueError(f"logits must hold at least one token and one expert, got shape {tuple(logits.shape)}")
     # a sum is non-finite if any element is (one fast pass); only then (or on overflow) look closer
-    if not bool(torch.isfinite(logits.sum())) and not bool(torch.isfinite(logits).all()):
+    if not bool(torch.isfinite(logits.float().sum())) and not bool(torch.isfinite(logits).all()):
         raise NonFiniteError(f"logits must be finite (no NaN or inf), shape {tuple(logits.shape)}")
     return b, l, e
 
@@ -184,16 +187,16 @@ def _routing(
 def _topk_indices(ranked: Tensor, k: int) -> Tensor:
     """Indices of each row's ``k`` largest entries, ascending: ``[..., E] -> [..., k]`` long (no grad).
 
-    On CPU (float32/float64, ``k <= 8``) it takes ``k`` passes of vectorised row maxima (``amax``; the
-    first index that holds the maximum; that entry masked with -inf for the next pass): for 3136 tokens
-    x 64 experts, k=2, 0.25 ms against 1.8 ms for ``topk``, whose per-row overhead dominates short rows
-    (one thread). Rows must hold at least ``k`` entries above -inf (finite scores do; so do
-    group-limited ones). Ties go to the lower index.
+    On CPU (float32/float64, ``8 k <= E``) it takes ``k`` passes of vectorised row maxima (``amax``;
+    the first index that holds the maximum; that entry masked with -inf for the next pass): for 3136
+    tokens x 64 experts, k=2, 0.23 ms against 1.8 ms for ``topk``, whose per-row overhead dominates
+    short rows (one thread; with fewer experts per pick ``topk`` is as fast). Rows must hold at least
+    ``k`` entries above -inf (finite scores do; so do group-limited ones). Ties go to the lower index.
     """
     ranked = ranked.detach()
-    if ranked.device.type != "cpu" or ranked.dtype not in (torch.float32, torch.float64) or k > 8:
-        return ranked.topk(k, dim=-1).indices.sort(-1).values
     e = ranked.shape[-1]
+    if ranked.device.type != "cpu" or ranked.dtype not in (torch.float32, torch.float64) or 8 * k > e:
+        return ranked.topk(k, dim=-1).indices.sort(-1).values
     reverse = torch.arange(e - 1, -1, -1, dtype=ranked.dtype)  # [E]: the largest marks the first index
     # two [..., E] buffers in all: fresh large allocations cost page faults on every call
     ranked = ranked.clone() if k > 1 else ranked  # masked in place below
@@ -577,27 +580,61 @@ class TopP(Router, InferenceThreshold):
 
 # ---- expert choice and the generalised race ---------------------------------------------------
 class ExpertChoice(Router):
-    """Expert choice (Zhou et al. 2022) with per-sample groups, as in the Expert Race paper's table.
+    """Expert choice (Zhou et al. 2022, arXiv 2202.09368): every expert picks its top tokens.
 
-    Within each sample every expert takes its top ``capacity = max(1, round(k * L / E))`` tokens
-    (capped at L) by gating score; weights are those scores. A token may get 0..E experts.
-    ``k`` (``1 <= k <= E``, int or float) is the average experts per token. ``info``: ``capacity``.
+    Each expert takes its top ``capacity = max(1, round(c * n / E))`` tokens of a group of ``n``
+    tokens (capped at ``n``) by gating score; weights are those scores. A token may get 0..E
+    experts; ``c`` is the average experts per token (Zhou et al.'s capacity factor: their main
+    setting is ``c = 2``).
+
+    Args:
+        k: ``c`` as an average number of experts per token, ``1 <= k <= E`` (int or float).
+        gating: ``"softmax"`` (the paper), ``"sigmoid"`` or ``"identity"`` scores.
+        capacity_factor: ``c`` under the paper's name, instead of ``k``; any finite ``0 < c <= E``,
+            so fewer than one expert per token on average (``c = 0.5``) is possible. Give ``k`` or
+            ``capacity_factor``, not both. ``router.k`` holds ``c`` either way.
+        group: which tokens compete for an expert: ``"sample"`` (default: the ``n = L`` tokens of
+            each sample, as in the Expert Race paper's table; a sample's routing never depends on
+            the rest of the batch) or ``"batch"`` (all ``n = B*L`` tokens, as in Zhou et al.; the
+            routing of a sample then depends on the batch it comes in).
+
+    ``info``: ``capacity`` (tokens per expert per group), ``k``, and ``group`` when ``"batch"``.
     """
 
-    def __init__(self, k: float, gating: str = "softmax") -> None:
+    GROUPS = {"sample": "L", "batch": "BL"}  # group name -> competing axes (see Race's candidates)
+
+    def __init__(self, k: Optional[float] = None, gating: str = "softmax",
+                 capacity_factor: Optional[float] = None, group: str = "sample") -> None:
         super().__init__()
-        self.k = _check_k(k, integer=False)
+        if (k is None) == (capacity_factor is None):
+            raise ValueError(f"ExpertChoice takes k or capacity_factor (one of them), "
+                             f"got k={k!r}, capacity_factor={capacity_factor!r}")
+        if k is not None:
+            self.k = _check_k(k, integer=False)
+        else:
+            self.k = _check_factor(capacity_factor, "capacity_factor")
         self.gating = _check_choice(gating, GATINGS, "gating")
+        self.group = _check_choice(group, tuple(self.GROUPS), "group")
+
+    @property
+    def capacity_factor(self) -> float:
+        """Zhou et al.'s capacity factor ``c``: the same number as :attr:`k`."""
+        return float(self.k)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, gating={self.gating!r}"
+        group = "" if self.group == "sample" else f", group={self.group!r}"
+        return f"k={self.k}, gating={self.gating!r}{group}"
 
     def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
         _check_k_fits(self.k, logits.shape[-1])
-        capacity = group_topk_count(logits.shape, "L", self.k)
+        candidates = self.GROUPS[self.group]
+        capacity = group_topk_count(logits.shape, candidates, self.k)
         scores = _gate(logits, self.gating)  # [B, L, E]
-        mask, _ = _group_topk(scores, "L", capacity)
-        return _routing(logits, mask, scores, scores, {"capacity": capacity, "k": self.k})
+        mask, _ = _group_topk(scores, candidates, capacity)
+        info: Dict[str, Any] = {"capacity": capacity, "k": self.k}
+        if self.group != "sample":
+            info["group"] = self.group
+        return _routing(logits, mask, scores, scores, info)
 
 
 class Race(Router, InferenceThreshold):
@@ -1162,6 +1199,72 @@ class Capacity(Router):
         info.update(capacity=capacity, capacity_factor=factor, dropped=(~keep).sum())
         return Routing(logits=inner.logits, token=inner.token[keep], expert=inner.expert[keep],
                        weight=inner.weight[keep], num_experts=e, scores=inner.scores, info=info)
+
+
+# ---- null (zero-compute) experts --------------------------------------------------------------
+class NullExperts(Router):
+    """Null experts (AdaMoE, Zeng et al. 2024, arXiv 2406.13233): "no extra expert" as a choice.
+
+    The gate scores ``E`` real experts and ``num_null`` null ones: logits ``[B, L, E + num_null]``,
+    the null experts last. The wrapped ``router`` routes over all ``E + num_null``; assignments to a
+    null expert are then dropped (a null expert computes nothing and outputs zero), so a token that
+    picks ``j`` null experts among its ``k`` uses only ``k - j`` real experts. AdaMoE raises ``k``
+    (say top-4 over 8 real + 8 null) and keeps the *average* use of the null experts in check with
+    the load-balance loss, so the number of real experts varies per token.
+
+    Returns a :class:`~moe_lite.routing.Routing` over the ``E`` real experts: ``logits`` and
+    ``scores`` are the real experts' slices ``[..., :E]`` (so the kit's losses balance the real
+    experts only; the null experts' share is in ``info``), ``weight`` the inner router's weights of
+    the kept assignments (their gradient reaches the null logits too, through softmax denominators).
+
+    In :class:`~moe_lite.layers.MoE` the default gate is sized ``num_experts + num_null`` (read off
+    this router's ``num_null``): ``MoE(dim, hidden, 8, NullExperts(TopK(4), 8))``. Wrap other
+    wrappers inside it, e.g. ``NullExperts(Capacity(TopK(4), 1.25), 8)``.
+
+    Args:
+        router: the inner router module (a submodule: ``.train()`` / ``.eval()`` reach it).
+        num_null: null experts, an int ``>= 1``; the logits need at least one real expert more.
+        renormalize: divide each token's kept (real) weights by their sum, so they sum to one over
+            the real experts it uses (a token whose kept weights sum to zero keeps them as they are).
+
+    ``info``: the inner info, plus ``num_null`` and ``null_fraction`` (0-d tensor: the fraction of
+    the inner assignments that went to a null expert).
+    """
+
+    def __init__(self, router: nn.Module, num_null: int, renormalize: bool = False) -> None:
+        super().__init__()
+        if not isinstance(router, nn.Module):
+            raise ValueError(f"router must be a router nn.Module (e.g. TopK(4)), got {type(router).__name__}")
+        if not isinstance(num_null, int) or isinstance(num_null, bool) or num_null < 1:
+            raise ValueError(f"num_null must be an int >= 1, got {num_null!r}")
+        self.router = router
+        self.num_null = num_null
+        self.renormalize = bool(renormalize)
+
+    def extra_repr(self) -> str:
+        return f"num_null={self.num_null}, renormalize={self.renormalize}"
+
+    def forward(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        return self.route(logits, x=x, key=key)  # the inner router validates the logits
+
+    def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        inner = self.router(logits, x=x, key=key)
+        b, l, total = logits.shape
+        e = total - self.num_null  # real experts come first
+        if e < 1:
+            raise ValueError(f"NullExperts(num_null={self.num_null}) needs logits [B, L, E + num_null] with "
+                             f"E >= 1 real experts, got {total} logits per token")
+        real = inner.expert < e  # [A]
+        token, expert, weight = inner.token[real], inner.expert[real], inner.weight[real]
+        if self.renormalize:
+            total_weight = weight.new_zeros(b * l).index_add(0, token, weight)[token]  # [A]
+            weight = weight / torch.where(total_weight != 0, total_weight, torch.ones_like(total_weight))
+        info = dict(inner.info)
+        info.update(num_null=self.num_null,
+                    null_fraction=(~real).sum().to(logits.dtype) / max(inner.num_assignments, 1))
+        scores = None if inner.scores is None else inner.scores[..., :e]
+        return Routing(logits=logits[..., :e], token=token, expert=expert, weight=weight, num_experts=e,
+                       scores=scores, info=info)
 
 
 # ---- factory ----------------------------------------------------------------------------------
