@@ -10,6 +10,7 @@ from .core import Experiment, ExperimentResult, RunContext, resolve_size
 from .diffusion import run_dit, run_race
 from .dynamic import run_dynamic
 from .report import UsageError, check_output_folder
+from .sequence import run_sequence
 from .vimoe import run_vimoe, run_vimoe_grid
 from .zoo import run_balance, run_zoo
 
@@ -23,6 +24,8 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
     Experiment("dit", "DiT-MoE: token choice vs expert choice vs Expert Race, samples, FD", run_dit),
     Experiment("race", "Expert Race study: routing strategy, gating, cumulative ablation, balance (3 seeds)",
                run_race),
+    Experiment("sequence", "causal LM on multi-task sequences: experts per token by ground-truth difficulty, "
+                           "task and layer", run_sequence),
 ]}
 
 
@@ -44,13 +47,13 @@ def check_seeds(seeds: Optional[Sequence[int]]) -> None:
 
 #: the keyword through which each experiment takes a selection of variants, and their names
 def _selectable() -> Dict[str, Tuple[str, Sequence[str]]]:
-    from . import adapt, diffusion, vimoe, zoo
+    from . import adapt, diffusion, sequence, vimoe, zoo
 
     vit_variants = ("dense", *vimoe.VARIANTS)
     return {"vimoe": ("variants", vit_variants), "vimoe-grid": ("variants", vit_variants),
             "dit": ("variants", tuple(diffusion.VARIANTS)), "race": ("variants", tuple(diffusion.VARIANTS)),
             "zoo": ("routers", tuple(zoo.ZOO)), "balance": ("methods", tuple(zoo.BALANCE)),
-            "adapt": ("methods", tuple(adapt.METHODS))}
+            "adapt": ("methods", tuple(adapt.METHODS)), "sequence": ("variants", tuple(sequence.VARIANTS))}
 
 
 def variant_kwargs(name: str, variants: Optional[Sequence[str]]) -> Dict[str, List[str]]:

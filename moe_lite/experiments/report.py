@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-EXPERIMENT_ORDER = ("race", "dit", "dynamic", "vimoe-grid", "vimoe", "adapt", "zoo", "balance")
+EXPERIMENT_ORDER = ("race", "dit", "dynamic", "sequence", "vimoe-grid", "vimoe", "adapt", "zoo", "balance")
 
 
 class UsageError(ValueError):

@@ -53,3 +53,8 @@ __all__ = [
 from .dit import DiT, DiTConfig, DiffusionTask  # noqa: E402
 
 __all__ += ["DiT", "DiTConfig", "DiffusionTask"]
+
+# ---- lm.py (causal LM on the synthetic multi-task sequences) ------------------------------------------
+from .lm import CausalLM, LMConfig, SequenceTask  # noqa: E402
+
+__all__ += ["CausalLM", "LMConfig", "SequenceTask"]
