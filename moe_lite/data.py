@@ -483,9 +483,19 @@ def _load(found: _Found, split: str) -> FashionMNIST:
     )
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` for a message: relative to the project, or under ``~``, not the machine's absolute path."""
+    for base, prefix in ((repo_data_dir().parent, ""), (Path.home(), "~/")):
+        try:
+            return prefix + Path(path).resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:
+            continue
+    return str(path)
+
+
 def _report(found: _Found, datasets: Sequence[FashionMNIST]) -> str:
     sizes = ", ".join(f"{d.split} {len(d):,}" for d in datasets)
-    text = f"[moe_lite.data] Fashion-MNIST from {found.source} ({found.location}): {sizes} images"
+    text = f"[moe_lite.data] Fashion-MNIST from {found.source} ({_shown_path(found.location)}): {sizes} images"
     if found.note:
         text += f"\n[moe_lite.data] note: {found.note}"
     return text

@@ -49,13 +49,46 @@ def choose_size(device: torch.device, size: Optional[str] = None) -> str:
     return size
 
 
-def configure_plotly(colab: bool) -> None:
-    """Figures that render in JupyterLab (natively, from the plotly mime type, offline), in classic
-    Notebook and on GitHub-like viewers (HTML that loads plotly.js from its CDN), and in Colab.
-    Not the "notebook" renderer: it would store 4 MB of plotly.js in every notebook."""
-    import plotly.io as pio
+#: ``1`` makes :func:`configure_plotly` also inline plotly.js (once per notebook) for front ends that
+#: cannot draw plotly's JSON themselves: the classic Notebook (< 7) and ``jupyter nbconvert --to html``.
+INLINE_ENV = "MOE_LITE_PLOTLY_INLINE"
+INLINE_RENDERER = "moe_lite_inline"
 
-    pio.renderers.default = "colab" if colab else "plotly_mimetype+notebook_connected"
+
+def configure_plotly(colab: bool, inline: Optional[bool] = None) -> str:
+    """Set plotly's default renderer so figures render offline; returns the renderer string.
+
+    * Jupyter (default): ``"plotly_mimetype"``. The output is the figure's JSON alone, which
+      JupyterLab, Notebook 7 and VS Code draw with the plotly.js their plotly extension bundles: no
+      CDN, nothing to download, a few kB per figure in a saved notebook.
+    * ``inline=True`` (or ``$MOE_LITE_PLOTLY_INLINE=1``): ``"plotly_mimetype+moe_lite_inline"``, which
+      also embeds plotly.js (4 MB) once per kernel session, in the first figure's output, and gives
+      each figure a small HTML copy drawn with it: for the classic Notebook and HTML exports opened
+      offline. Only where needed: the committed notebooks never store it (notebooks/execute.py
+      keeps only the JSON).
+    * Colab: ``"colab"`` (Colab is online and draws HTML only).
+
+    Never ``"notebook_connected"`` (plotly.js and MathJax from a CDN: blank offline) nor plain
+    ``"notebook"`` by default (4 MB of plotly.js stored in every notebook).
+    """
+    import plotly.io as pio
+    from plotly.io._base_renderers import NotebookRenderer
+
+    class InlineRenderer(NotebookRenderer):
+        """plotly's "notebook" renderer (plotly.js inlined once, on first use) minus its MathJax CDN tag."""
+
+        def to_mimebundle(self, fig_dict):
+            html = pio.to_html(fig_dict, config=self.config, include_plotlyjs=False, include_mathjax=False,
+                               full_html=False, default_width="100%", default_height=525, validate=False)
+            return {"text/html": html}
+
+    if inline is None:
+        inline = os.environ.get(INLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    if inline and INLINE_RENDERER not in pio.renderers:
+        pio.renderers[INLINE_RENDERER] = InlineRenderer()
+    renderer = "colab" if colab else f"plotly_mimetype+{INLINE_RENDERER}" if inline else "plotly_mimetype"
+    pio.renderers.default = renderer
+    return renderer
 
 
 def setup(size: Optional[str] = None, device: str = "auto", threads: Optional[int] = None,

@@ -134,6 +134,23 @@ def expert_colors(num_experts: int) -> List[str]:
     return [palette[e % len(palette)] for e in range(num_experts)]
 
 
+def _color_range(z: np.ndarray) -> Dict[str, float]:
+    """``zmin``/``zmax`` that draw 0 in the colour of zero, whatever the data.
+
+    Both are always set: plotly ignores a lone ``zmin`` (``zauto`` stays on), and an all-zero ``z``
+    then spans [-0.5, 0.5] with 0 in the middle of the scale. Non-negative data: ``[0, max]``
+    (``[0, 1]`` when everything is 0); signed data: symmetric ``[-a, a]``, 0 in the middle of a
+    diverging scale.
+    """
+    finite = z[np.isfinite(z)] if z.size else z
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 0.0
+    if lo < 0:
+        a = max(-lo, hi)
+        return {"zmin": -a, "zmax": a}
+    return {"zmin": 0.0, "zmax": hi if hi > 0 else 1.0}
+
+
 def _discrete_colorscale(colors: Sequence[str]) -> List[List[Any]]:
     """A stepped colorscale: value ``e`` (on ``[-0.5, E-0.5]``) maps to ``colors[e]``."""
     n = len(colors)
@@ -187,8 +204,8 @@ def assignment_heatmap(routing: Routing, sample: Optional[int] = 0, max_tokens: 
     ept = mask.sum(1)
     heat = go.Heatmap(
         z=weight, x=np.arange(e), y=np.arange(t), customdata=custom,
-        colorscale="RdBu" if negative else "Blues", zmid=0 if negative else None,
-        zmin=None if negative else 0.0, colorbar=dict(title=dict(text="weight")),
+        colorscale="RdBu" if negative else "Blues", **_color_range(weight),
+        colorbar=dict(title=dict(text="weight")),
         hovertemplate=("sample %{customdata[0]}, token %{customdata[1]}<br>expert %{x}"
                        "<br>combine weight %{z:.3f} (%{customdata[2]})<extra></extra>"),
     )
@@ -316,7 +333,7 @@ def label_expert_heatmap(by_label_result: Union[Mapping[str, Tensor], ArrayLike]
     is_share = value == "fraction"
     fmt = ".1%" if is_share else ".0f"
     heat = go.Heatmap(
-        z=z, x=np.arange(e), y=names, customdata=custom, colorscale="Viridis", zmin=0,
+        z=z, x=np.arange(e), y=names, customdata=custom, colorscale="Viridis", **_color_range(z),
         texttemplate=f"%{{z:{'.0%' if is_share else '.0f'}}}" if c * e <= 160 else None,
         colorbar=dict(title=dict(text="share" if is_share else value)),
         hovertemplate=(f"{label_title} %{{y}}<br>expert %{{x}}<br>"
@@ -352,6 +369,10 @@ def _images_hw(images: Any, name: str = "images") -> np.ndarray:
     if arr.ndim != 3:
         raise ValueError(f"{name} must be [B, 1, H, W] or [B, H, W], got shape {tuple(arr.shape)}")
     return arr
+
+
+#: Font size (px) of the per-image captions of image grids.
+_CAPTION_SIZE = 12
 
 
 def _grid_shape(n: int, ncols: int) -> Tuple[int, int]:
@@ -459,15 +480,21 @@ def image_grid(images: Any, labels: Any = None, label_names: Optional[Sequence[s
         raise ValueError("images is empty")
     labs = _check_labels(labels, n)
     rows, cols = _grid_shape(n, ncols)
+    # Spacing in pixels, not as a share of the height: each row's captions need their own band
+    # between rows, or they are drawn over the bottom of the row above.
+    cell, gap, top, bottom = 110, 2 * _CAPTION_SIZE + 4, 70, 20
+    inner = rows * cell + (rows - 1) * gap
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[_caption(i, labs, label_names) for i in range(n)],
-                        horizontal_spacing=0.01, vertical_spacing=0.06 if rows > 1 else 0.1)
+                        horizontal_spacing=0.01, vertical_spacing=gap / inner if rows > 1 else 0.0)
+    fig.update_annotations(font_size=_CAPTION_SIZE)
     for i in range(n):
         fig.add_trace(go.Heatmap(z=imgs[i], colorscale="gray", zmin=0.0, zmax=1.0, showscale=False,
                                  name=_caption(i, labs, label_names),
                                  hovertemplate=f"{_caption(i, labs, label_names)}<br>row %{{y}}, col %{{x}}"
                                                "<br>value %{z:.2f}<extra></extra>"),
                       row=i // cols + 1, col=i % cols + 1)
-    _style(fig, title, height=60 + 120 * rows, width=max(300, 110 * cols + 60))
+    _style(fig, title, height=top + bottom + inner, width=max(300, 110 * cols + 60))
+    fig.update_layout(margin=dict(t=top, b=bottom))
     _image_axes(fig, n)
     return fig
 
@@ -669,14 +696,20 @@ def tradeoff_curve(xs: ArrayLike, ys: ArrayLike, labels: Optional[Sequence[Any]]
     if highlight is not None and not (isinstance(highlight, (int, np.integer)) and 0 <= highlight < x.size):
         raise ValueError(f"highlight must be an index in [0, {x.size}), got {highlight!r}")
     hover = f"%{{text}}<br>{x_title} %{{x:.4g}}<br>{y_title} %{{y:.4g}}<extra></extra>"
+    # labels sit above their points: never clip them at the axes, and leave headroom above the top one
     curve = go.Scatter(x=x, y=y, text=text, mode=mode, name=name, textposition="top center",
-                       hovertemplate=hover)
+                       hovertemplate=hover, cliponaxis=False)
     hx, hy, ht = ([x[highlight]], [y[highlight]], [text[highlight]]) if highlight is not None else ([], [], [])
-    mark = go.Scatter(x=hx, y=hy, text=ht, mode="markers", name="current",
+    mark = go.Scatter(x=hx, y=hy, text=ht, mode="markers", name="current", cliponaxis=False,
                       marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(width=3, color="#d62728")),
                       hovertemplate="current: " + hover)
     fig = go.Figure([curve, mark])
     _style(fig, title or f"{y_title} vs {x_title}", x_title, y_title, showlegend=False)
+    finite = y[np.isfinite(y)]
+    if finite.size:
+        lo, hi = float(finite.min()), float(finite.max())
+        span = hi - lo if hi > lo else max(abs(hi), 1.0) * 0.5
+        fig.update_yaxes(range=[lo - 0.08 * span, hi + 0.18 * span])
     return fig
 
 
@@ -825,3 +858,164 @@ def figures_to_html(figs: Union[Mapping[str, BaseFigure], Sequence[BaseFigure]],
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(page, encoding="utf-8")
     return page
+
+
+# ---- analysis views (moe_lite.analysis) -----------------------------------------------------------
+__all__ += ["coactivation_heatmap", "expert_load_heatmap", "expert_sankey"]
+
+
+def coactivation_heatmap(coactivation: Union[Routing, ArrayLike], title: Optional[str] = None) -> go.Figure:
+    """Expert x expert co-activation: the share of tokens that experts i and j serve together.
+
+    Args:
+        coactivation: a :class:`Routing`, or the ``[E, E]`` matrix of
+            :func:`moe_lite.analysis.coactivation` (e.g. summed over a test set, then normalised).
+
+    Returns a figure with one ``Heatmap`` trace of shape ``[E, E]``; the diagonal is each expert's
+    load (share of tokens it serves), drawn on the same scale.
+    """
+    from .analysis import coactivation as _coactivation
+
+    if isinstance(coactivation, Routing) or hasattr(coactivation, "mask"):
+        coactivation = _coactivation(_require_routing(coactivation))
+    z = _to_numpy(coactivation, "coactivation")
+    if z.ndim != 2 or z.shape[0] != z.shape[1] or z.size == 0:
+        raise ValueError(f"coactivation must be a non-empty square [E, E] matrix, got shape {z.shape}")
+    e = z.shape[0]
+    off = z[~np.eye(e, dtype=bool)]
+    top_pair = float(off.max()) if off.size else 0.0
+    heat = go.Heatmap(
+        z=z, x=np.arange(e), y=np.arange(e), colorscale="Viridis", **_color_range(z),
+        texttemplate="%{z:.0%}" if e <= 12 else None, colorbar=dict(title=dict(text="share of tokens")),
+        hovertemplate="experts %{y} and %{x}<br>%{z:.1%} of tokens go to both"
+                      "<br>(diagonal: the expert's own load)<extra></extra>",
+    )
+    fig = go.Figure(heat)
+    _style(fig, title or f"Expert co-activation (diagonal = load; busiest pair {top_pair:.1%} of tokens)",
+           "expert", "expert")
+    fig.update_yaxes(autorange="reversed")
+    if e <= 32:
+        fig.update_xaxes(dtick=1)
+        fig.update_yaxes(dtick=1)
+    return fig
+
+
+def expert_load_heatmap(records: Records, layers: Optional[Sequence[str]] = None, x: str = "step",
+                        title: Optional[str] = None) -> go.Figure:
+    """Per-expert load over training: one expert x step heatmap per MoE layer, side by side.
+
+    Args:
+        records: :class:`~moe_lite.experiments.common.StepStats` records (each layer's
+            ``"<layer>/expert_load"``, see :func:`moe_lite.analysis.load_over_training`).
+        layers: which layers to draw (default: every layer logged).
+
+    Each ``Heatmap`` has ``z`` of shape ``[E, T]`` (experts down, logged steps across): the share of
+    the layer's assignments each expert took, on one colour scale centred on the balanced share
+    ``1/E`` (white), so a collapse onto few experts shows as a red band and recovery as it fading.
+    Without logged loads the figure has no trace and says so in its title.
+    """
+    from .analysis import load_over_training
+
+    series = load_over_training(_check_records(records, "records"), x=x)
+    if layers is not None:
+        missing = [n for n in layers if n not in series]
+        if missing:
+            raise ValueError(f"no expert load logged for layer(s) {missing}; logged: {sorted(series)}")
+        series = {n: series[n] for n in layers}
+    base = title or "Expert load during training (share of assignments; white = balanced 1/E)"
+    if not series:
+        return _style(go.Figure(), f"{base} (no expert load logged)", x, "expert")
+    fig = make_subplots(rows=1, cols=len(series), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=list(series))
+    top = max(float(load.max()) for _, load in series.values())
+    for col, (layer, (xs, load)) in enumerate(series.items(), start=1):
+        e = load.shape[1]
+        z = load.t().numpy()  # [E, T]
+        fair = 1.0 / e
+        fig.add_trace(go.Heatmap(
+            z=z, x=xs, y=np.arange(e), colorscale="RdBu_r", zmin=0.0, zmid=fair, zmax=max(top, 2 * fair),
+            showscale=col == 1, colorbar=dict(title=dict(text="share")),
+            hovertemplate=f"{layer}<br>{x} %{{x}}<br>expert %{{y}}<br>%{{z:.1%}} of assignments"
+                          f" (balanced {fair:.1%})<extra></extra>",
+        ), row=1, col=col)
+        fig.update_xaxes(title_text=x, row=1, col=col)
+    _style(fig, base, height=240 + 22 * max(load.shape[1] for _, load in series.values()))
+    fig.update_yaxes(title_text="expert", autorange="reversed", row=1, col=1)
+    return fig
+
+
+def expert_sankey(transitions: Union[Mapping[Tuple[str, str], ArrayLike], ArrayLike],
+                  title: Optional[str] = None, min_share: float = 0.0) -> go.Figure:
+    """Cross-layer expert paths: a Sankey from each token's top expert in one MoE layer to the next.
+
+    Args:
+        transitions: ``{(layer, next layer): [E1, E2] counts}`` as
+            :func:`moe_lite.analysis.layer_transitions` gives them (pairs of a chain, e.g. 3 layers
+            give 2 pairs), or one ``[E1, E2]`` count matrix.
+        min_share: links carrying less than this share of a pair's tokens are left out (clutter).
+
+    Returns a figure with one ``Sankey`` trace: a node per (layer, expert), a link per non-zero
+    count. The title gives, per pair, how predictable the next expert is from this one
+    (:func:`moe_lite.analysis.transition_predictability`: top-1 accuracy against always guessing
+    the most frequent expert, and the normalised mutual information).
+    """
+    from .analysis import transition_predictability
+
+    if isinstance(transitions, Mapping):
+        pairs = [((str(a), str(b)), _to_numpy(c, f"transitions[{(a, b)!r}]")) for (a, b), c in transitions.items()]
+    else:
+        pairs = [(("layer l", "layer l+1"), _to_numpy(transitions, "transitions"))]
+    if not pairs:
+        raise ValueError("transitions must hold at least one (layer, next layer) count matrix")
+    layers: List[str] = []
+    sizes: Dict[str, int] = {}
+    for (a, b), c in pairs:
+        if c.ndim != 2 or (c < 0).any():
+            raise ValueError(f"transitions {a} -> {b} must be a non-negative [E1, E2] matrix, got shape {c.shape}")
+        for name, e in ((a, c.shape[0]), (b, c.shape[1])):
+            if name not in sizes:
+                layers.append(name)
+                sizes[name] = e
+            elif sizes[name] != e:
+                raise ValueError(f"layer {name!r} has {sizes[name]} experts in one pair and {e} in another")
+    offset, start = {}, 0
+    for name in layers:
+        offset[name], start = start, start + sizes[name]
+    labels = [f"{name} e{e}" for name in layers for e in range(sizes[name])]
+    colors = [c for name in layers for c in expert_colors(sizes[name])]
+    src, dst, val, link_colors, parts = [], [], [], [], []
+    for (a, b), c in pairs:
+        total = float(c.sum())
+        for i, j in zip(*np.nonzero(c)):
+            if total > 0 and c[i, j] / total >= min_share:
+                src.append(offset[a] + int(i))
+                dst.append(offset[b] + int(j))
+                val.append(float(c[i, j]))
+                link_colors.append(colors[offset[a] + int(i)])
+        p = transition_predictability(c)
+        if p["tokens"] > 0:
+            parts.append(f"{a}→{b}: top-1 {p['top1_accuracy']:.0%} (vs {p['baseline_accuracy']:.0%}), "
+                         f"NMI {p['normalized_mi']:.2f}")
+    sankey = go.Sankey(
+        arrangement="snap",
+        node=dict(label=labels, color=colors, pad=8, thickness=14,
+                  hovertemplate="%{label}: %{value:.0f} tokens<extra></extra>"),
+        link=dict(source=src, target=dst, value=val, color=[_fade(c) for c in link_colors],
+                  hovertemplate="%{source.label} → %{target.label}: %{value:.0f} tokens<extra></extra>"),
+    )
+    fig = go.Figure(sankey)
+    head = title or "Cross-layer expert paths (each token's top expert, layer to layer)"
+    _style(fig, head + ("<br><sup>" + "; ".join(parts) + "</sup>" if parts else ""),
+           height=max(360, 26 * max(sizes.values()) + 140))
+    return fig
+
+
+def _fade(color: str, alpha: float = 0.35) -> str:
+    """``"#rrggbb"`` (or ``"rgb(r, g, b)"``) as a translucent ``"rgba(...)"`` for Sankey links."""
+    if color.startswith("#") and len(color) == 7:
+        r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    elif color.startswith("rgb(") and color.endswith(")"):
+        r, g, b = (int(float(v)) for v in color[4:-1].split(","))
+    else:
+        return color
+    return f"rgba({r},{g},{b},{alpha})"

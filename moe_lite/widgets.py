@@ -12,10 +12,11 @@ The mode is picked by, in order: a ``mode=`` constructor argument; the environme
 ``google.colab.output.enable_custom_widget_manager()``); else :func:`can_use_figurewidget`.
 
 Every explorer exposes ``.controls`` (name -> widget), ``.set(**values)`` (sets widget values from
-code, firing the same observers a user would), ``.last_result`` (what the last callback computed),
-``.figures`` (name -> :class:`LiveFigure`) and ``.display()``. A notebook follows each widget cell
-with a cell such as ``explorer.set(k=3); assert explorer.last_result["experts_per_token"] == 3``,
-so headless runs exercise the callbacks.
+code, firing the same observers a user would), ``.reset()`` (back to the values it was built with),
+``.last_result`` (what the last callback computed), ``.figures`` (name -> :class:`LiveFigure`) and
+``.display()``. A notebook follows each widget cell with a cell such as ``explorer.set(k=3); assert
+explorer.last_result["experts_per_token"] == 3`` ending in ``explorer.reset()``, so headless runs
+exercise the callbacks and the learner still finds the explorer as it was first shown.
 
 Callbacks only run inference on cached inputs (under ``torch.no_grad()``); they never train.
 """
@@ -47,6 +48,7 @@ except ImportError:  # pragma: no cover - exercised only where ipywidgets is mis
 __all__ = [
     "STATIC_ENV",
     "ROUTER_NAMES",
+    "applicable_knobs",
     "can_use_figurewidget",
     "resolve_mode",
     "LiveFigure",
@@ -70,8 +72,22 @@ ROUTER_KNOBS: Mapping[str, tuple] = MappingProxyType({
     "bias_balanced": ("k",),
 })
 ROUTER_NAMES = tuple(ROUTER_KNOBS)
+#: Knobs a router reads in one phase only: Race trains on its batch top-K (k) and evaluates
+#: against a fixed threshold (threshold), so in each phase the other slider would do nothing.
+_PHASE_KNOBS: Mapping[str, Mapping[str, tuple]] = MappingProxyType({
+    "race": MappingProxyType({"train": ("k",), "eval": ("threshold",)}),
+})
 #: Routers whose constructor needs the number of experts.
 _NEEDS_NUM_EXPERTS = frozenset({"hash", "bias_balanced"})
+
+
+def applicable_knobs(router: str, phase: str) -> tuple:
+    """The sliders ``router`` reads in ``phase`` (``"train"``/``"eval"``); the explorer disables the rest."""
+    if router not in ROUTER_KNOBS:
+        raise ValueError(f"unknown router {router!r}; choose from {ROUTER_NAMES}")
+    if phase not in ("train", "eval"):
+        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+    return _PHASE_KNOBS.get(router, {}).get(phase, ROUTER_KNOBS[router])
 
 
 # ---- mode selection -----------------------------------------------------------------------------
@@ -318,6 +334,7 @@ class Explorer:
         }
         self.status.value = self._readout(self.last_result)
         self._box = None
+        self._start = self.values  # what the learner finds; reset() returns here
         for widget in self.controls.values():
             widget.observe(self._on_change, names="value")
 
@@ -395,6 +412,16 @@ class Explorer:
             raise RuntimeError(f"callback failed for {self.values}: {self.last_result['error']}") from self.last_error
         return self.last_result
 
+    def reset(self) -> None:
+        """Put every control back to its value when the explorer was built; recompute only if one moved.
+
+        A notebook cell that drives the explorer from code ends with ``explorer.reset()``, so the
+        learner finds it as it was first shown. Returns None (nothing to echo as the cell's result).
+        """
+        moved = {name: v for name, v in self._start.items() if self.controls[name].value != v}
+        if moved:
+            self.set(**moved)
+
     # -- display -------------------------------------------------------------------------------
     def display(self) -> Any:
         """The explorer as one ``ipywidgets.VBox``: controls, readout line, figures."""
@@ -443,9 +470,9 @@ class RouterExplorer(Explorer):
             ``moe_lite.routers.make_router``, imported on first use).
 
     Controls: ``router`` (dropdown), ``phase`` (``"train"``/``"eval"``), ``k``, ``p``,
-    ``capacity_factor``, ``threshold`` and ``sample``. Each router reads only its own sliders
-    (the others are greyed out). Routers are built fresh on every change with
-    ``moe_lite.routers.make_router`` and put in the chosen phase. ``race`` in ``"train"`` picks the
+    ``capacity_factor``, ``threshold`` and ``sample``. Each router reads only its own sliders in the
+    chosen phase (:func:`applicable_knobs`; the others are disabled). Routers are built fresh on
+    every change with ``moe_lite.routers.make_router`` and put in the chosen phase. ``race`` in ``"train"`` picks the
     batch-level top ``K = round(B*L*k)`` (so it needs no history); in ``"eval"`` its threshold is
     the ``threshold`` slider. Figures: ``"assignment"`` (token x expert weights of one sample) and
     ``"load"`` (tokens per expert). ``last_result`` holds the router, phase, params,
@@ -498,11 +525,10 @@ class RouterExplorer(Explorer):
         self._grey_out()
 
     def _grey_out(self, change: Any = None) -> None:
-        """Disable the sliders the selected router does not read."""
-        knobs = ROUTER_KNOBS[self.controls["router"].value]
+        """Disable the sliders the selected router does not read in the selected phase."""
+        knobs = applicable_knobs(self.controls["router"].value, self.controls["phase"].value)
         for name in ("k", "p", "capacity_factor", "threshold"):
-            used = name in knobs and (name != "threshold" or self.controls["phase"].value == "eval")
-            self.controls[name].disabled = not used
+            self.controls[name].disabled = name not in knobs
 
     def router_kwargs(self, name: str, **values: Any) -> Dict[str, Any]:
         """Constructor keyword arguments of router ``name`` given the slider ``values``."""
@@ -530,10 +556,9 @@ class RouterExplorer(Explorer):
         routing = module(self.logits, **kwargs)
         self.routing = routing
         self._grey_out()
-        params = self.router_kwargs(router, **values)
-        params.pop("num_experts", None)
-        if router == "race" and phase == "eval":
-            params["threshold"] = float(values["threshold"])
+        params = {knob: values[knob] for knob in applicable_knobs(router, phase)}  # what the routing used
+        if "threshold" in params:
+            params["threshold"] = float(params["threshold"])
         return {
             "router": router,
             "phase": phase,

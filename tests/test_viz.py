@@ -270,3 +270,59 @@ def test_figures_to_html_writes_one_self_contained_page(tmp_path, routing):
     assert from_list.count("<section>") == 2 and 'id="fig-tokens-per-expert-maxvio' in from_list
     with pytest.raises(TypeError, match="not a plotly figure"):
         viz.figures_to_html({"x": 3})
+
+
+# ---- what a learner sees: colour scales anchored, labels inside, titles clear of images ------------
+def _zero_routing(b=1, l=3, e=3):
+    """No token assigned to any expert (Race in eval above every score): all combine weights are 0."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return Routing(torch.zeros(b, l, e), empty, empty, torch.zeros(0), e)
+
+
+def test_all_zero_heatmaps_are_drawn_as_zero():
+    # plotly ignores a lone zmin (zauto stays on): an all-zero z then spans [-0.5, 0.5] and 0 is mid-blue
+    for trace in (viz.assignment_heatmap(_zero_routing()).data[0],
+                  viz.label_expert_heatmap(np.zeros((2, 3))).data[0]):
+        assert trace.zmin == 0 and trace.zmax > 0 and trace.zmid is None
+        assert trace.zauto is not True
+
+
+def test_signed_heatmap_is_symmetric_about_zero():
+    logits = torch.zeros(1, 2, 2)
+    routing = Routing(logits, torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([-0.5, 0.25]), 2)
+    heat = viz.assignment_heatmap(routing).data[0]
+    assert (heat.zmin, heat.zmax) == (-0.5, 0.5) and heat.colorscale is not None
+    positive = viz.assignment_heatmap(
+        Routing(logits, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.8]), 2)).data[0]
+    assert (positive.zmin, positive.zmax) == (0.0, pytest.approx(0.8))
+
+
+def _row_gaps_px(fig, rows):
+    """Pixels between the bottom of each subplot row and the top of the next one."""
+    plot_h = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    tops = sorted({round(fig.layout[f"yaxis{'' if i == 1 else i}"].domain[1], 6)
+                   for i in range(1, len(fig.data) + 1)}, reverse=True)
+    bottoms = sorted({round(fig.layout[f"yaxis{'' if i == 1 else i}"].domain[0], 6)
+                      for i in range(1, len(fig.data) + 1)}, reverse=True)
+    assert len(tops) == rows
+    return [(bottoms[r] - tops[r + 1]) * plot_h for r in range(rows - 1)]
+
+
+def test_image_grid_titles_clear_the_row_above():
+    fig = viz.image_grid(torch.rand(10, 1, 4, 4), labels=torch.arange(10) % 3, label_names=["a", "b", "c"],
+                         ncols=5)
+    font = fig.layout.annotations[0].font.size or 16  # plotly's subplot-title default
+    assert all(gap >= 1.5 * font for gap in _row_gaps_px(fig, rows=2))
+    assert fig.layout.margin.t >= 40  # the first row's titles sit below the figure title
+
+
+def test_tradeoff_curve_labels_are_not_clipped():
+    ys = [0.6, 0.7, 0.9]
+    fig = viz.tradeoff_curve([1.0, 1.5, 2.0], ys, ["p=0.1", "p=0.5", "p=0.9"], highlight=2)
+    assert fig.data[0].cliponaxis is False  # text may leave the axes instead of being cut off
+    lo, hi = fig.layout.yaxis.range
+    span = max(ys) - min(ys)
+    assert hi >= max(ys) + 0.1 * span and lo <= min(ys) - 0.05 * span  # room for the top label
+    flat = viz.tradeoff_curve([1.0, 2.0], [0.5, 0.5], ["a", "b"])
+    lo, hi = flat.layout.yaxis.range
+    assert lo < 0.5 < hi

@@ -1,5 +1,6 @@
 """moe_lite.widgets: both display modes, callbacks driven from code, in-place updates and the static fallback."""
 import importlib
+import json
 import sys
 import types
 
@@ -280,3 +281,96 @@ def test_threshold_explorer_evaluate_all_and_errors():
         W.ThresholdExplorer(_evaluator([]), [], mode="static")
     with pytest.raises(ValueError, match="options"):
         W.ThresholdExplorer(_evaluator([]), [0.1], initial=0.2, mode="static")
+
+
+# ---- knobs that apply, and putting an explorer back -------------------------------------------------
+class TinyThreshold(TinyTopK):
+    """Top-k in training; in eval every (token, expert) whose logit is >= the threshold."""
+
+    threshold = 0.0
+
+    def set_threshold(self, value):
+        self.threshold = value
+
+    def forward(self, logits, x=None):
+        if self.training:
+            return super().forward(logits, x)
+        token, expert = (logits.reshape(-1, logits.shape[-1]) >= self.threshold).nonzero(as_tuple=True)
+        return Routing(logits, token, expert, torch.ones(token.numel()), logits.shape[-1])
+
+
+def threshold_factory(name, **kw):
+    return TinyThreshold(kw.get("k", 1)) if name == "race" else TinyTopK(kw.get("k", 1))
+
+
+def test_router_explorer_disables_knobs_the_router_and_phase_ignore(logits):
+    ex = W.RouterExplorer(logits, routers=("topk", "race"), mode="static", make_router=threshold_factory)
+    ex.set(router="race")
+    assert not ex.controls["k"].disabled and ex.controls["threshold"].disabled  # train: batch top-K
+    ex.set(phase="eval")  # eval: a fixed threshold, k is not read
+    assert ex.controls["k"].disabled and not ex.controls["threshold"].disabled
+    assert W.applicable_knobs("race", "eval") == ("threshold",)
+    assert W.applicable_knobs("race", "train") == ("k",)
+    assert W.applicable_knobs("topk", "eval") == ("k",)
+    with pytest.raises(ValueError, match="router"):
+        W.applicable_knobs("nope", "train")
+
+
+def test_router_explorer_readout_names_only_the_knobs_in_use(logits):
+    ex = W.RouterExplorer(logits, routers=("race",), mode="static", make_router=threshold_factory)
+    assert ex.last_result["params"] == {"k": 2}
+    ex.set(phase="eval", threshold=float(logits.max()))
+    assert ex.last_result["num_assignments"] == 1 and set(ex.last_result["params"]) == {"threshold"}
+    assert "k=" not in ex.status.value
+    heat = ex.figures["assignment"].figure.data[0]
+    assert heat.zmin == 0 and heat.zmax > 0  # a sample with no expert assigned is drawn as zeros
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_explorer_reset_restores_what_the_learner_found(logits, mode):
+    ex = W.RouterExplorer(logits, routers=("topk", "switch"), k=1, mode=mode, make_router=tiny_factory)
+    start, first = ex.values, ex.last_result
+    heat = ex.figure
+    ex.set(router="switch", k=3, sample=1)
+    assert ex.values != start and ex.controls["k"].disabled
+    assert ex.reset() is None and ex.last_result == first and ex.values == start
+    assert not ex.controls["k"].disabled  # the greying follows the restored router
+    assert (ex.figure is heat) == (mode == "widget")
+    calls = ex.calls
+    ex.reset()  # already at the start: nothing recomputed
+    assert ex.calls == calls
+
+
+# ---- plotly renders offline ---------------------------------------------------------------------------
+@pytest.fixture
+def plotly_default():
+    import plotly.io as pio
+
+    before = pio.renderers.default
+    yield pio
+    pio.renderers.default = before
+
+
+def _bundle(pio, fig):
+    """What a notebook cell stores when it shows ``fig`` with the default renderer."""
+    return pio.renderers._build_mime_bundle(fig.to_dict(), pio.renderers.default)
+
+
+def test_figures_render_offline_and_store_no_plotly_js(plotly_default, monkeypatch):
+    from moe_lite.notebook import INLINE_ENV, configure_plotly
+
+    monkeypatch.delenv(INLINE_ENV, raising=False)
+    pio, fig = plotly_default, go.Figure(go.Bar(y=[1, 2]))
+    configure_plotly(colab=False)
+    bundle = _bundle(pio, fig)
+    assert set(bundle) == {"application/vnd.plotly.v1+json"}  # drawn by JupyterLab's own plotly.js
+    assert "http" not in json.dumps(bundle) and len(json.dumps(bundle)) < 20_000
+    # where a front end cannot draw the JSON: plotly.js inlined once per session, each figure small
+    assert configure_plotly(colab=False, inline=True) == "plotly_mimetype+moe_lite_inline"
+    inline = pio.renderers["moe_lite_inline"]
+    assert not inline.connected  # activation embeds plotly.js itself, no CDN
+    html = inline.to_mimebundle(fig.to_dict())["text/html"]
+    assert "http" not in html and "<script src" not in html and len(html) < 20_000
+    monkeypatch.setenv(INLINE_ENV, "1")
+    assert configure_plotly(colab=False) == "plotly_mimetype+moe_lite_inline"
+    assert configure_plotly(colab=True) == "colab"
