@@ -32,7 +32,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment, several, or all")
     run.add_argument("names", nargs="+", metavar="NAME", help=f"experiment name(s) or 'all': {', '.join(EXPERIMENTS)}")
     run.add_argument("--size", choices=SIZES, default=None,
-                     help="smoke (seconds, CI), quick (minutes on a 2-core CPU), full (GPU); "
+                     help="smoke (seconds, CI), quick (minutes on a 2-core CPU), gpu (minutes on a free Colab "
+                          "T4; the default on CUDA), full (a paper-style study on a datacenter GPU); "
                           "default: $MOE_LITE_SIZE or quick")
     run.add_argument("--out", default="results", help="output folder (default: results/)")
     run.add_argument("--data", choices=DATA_CHOICES, default="auto",
@@ -46,6 +47,10 @@ def _build_parser() -> argparse.ArgumentParser:
                           "variant names; zoo: routers; balance, adapt: methods); quote names with spaces")
 
     sub.add_parser("list", help="list the experiments")
+
+    costs = sub.add_parser("costs", help="what one model of each experiment costs to train at a size "
+                                         "(FLOPs, memory; the estimates the sizes are calibrated from)")
+    costs.add_argument("--size", choices=SIZES, default=None, help="default: $MOE_LITE_SIZE or quick")
 
     report = sub.add_parser("report", help="a markdown results page from the JSON files of 'run'")
     report.add_argument("folder", nargs="?", default="results", help="where 'run' wrote its JSON files")
@@ -80,6 +85,15 @@ def _main(argv: Optional[List[str]]) -> int:
                             figure_format=args.figure_format)
         if args.out is None:
             print(text)
+        return 0
+    if args.command == "costs":
+        from .experiments.costs import size_costs
+
+        rows = size_costs(args.size)
+        columns = list(rows[0])
+        print(" | ".join(columns))
+        for row in rows:
+            print(" | ".join(f"{row[c]:,}" if isinstance(row[c], int) else str(row[c]) for c in columns))
         return 0
     if args.command == "list":
         for name, exp in EXPERIMENTS.items():

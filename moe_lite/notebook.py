@@ -4,9 +4,9 @@ Usage (first code cell of a notebook)::
 
     from moe_lite.notebook import setup
     nb = setup()          # prints device, size, data source hint; returns a NotebookContext
-    nb.size, nb.device    # "smoke" | "quick" | "full", torch.device
+    nb.size, nb.device    # "smoke" | "quick" | "gpu" | "full", torch.device
 
-The size comes from ``$MOE_LITE_SIZE`` (CI sets ``smoke``), else ``quick`` on a CPU and ``full`` on a
+The size comes from ``$MOE_LITE_SIZE`` (CI sets ``smoke``), else ``quick`` on a CPU and ``gpu`` on a
 GPU. Nothing here trains or downloads anything.
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ class NotebookContext:
 
 
 def choose_size(device: torch.device, size: Optional[str] = None) -> str:
-    """``size`` if given, else ``$MOE_LITE_SIZE``, else ``full`` on CUDA and ``quick`` elsewhere."""
-    size = size or os.environ.get(SIZE_ENV) or ("full" if device.type == "cuda" else "quick")
+    """``size`` if given, else ``$MOE_LITE_SIZE``, else ``gpu`` on CUDA and ``quick`` elsewhere."""
+    size = size or os.environ.get(SIZE_ENV) or ("gpu" if device.type == "cuda" else "quick")
     size = resolve_size(size.strip().lower())
     os.environ[SIZE_ENV] = size  # experiments called without a size then agree with the notebook
     return size

@@ -8,6 +8,7 @@ only ever read a ``Routing``. Nothing here holds state between calls.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
@@ -18,6 +19,7 @@ __all__ = [
     "NonFiniteError",
     "Routing",
     "routing_summary",
+    "router_entropy",
     "combination_usage",
     "max_violation",
     "load_cv",
@@ -212,15 +214,30 @@ def combination_usage(mask: Tensor, coverage: float = 0.95) -> float:
     return 100.0 * min(needed, counts.numel()) / counts.numel()
 
 
+def router_entropy(routing: Routing) -> Tensor:
+    """float ``[N]``: entropy (nats) of each token's router distribution ``softmax(logits)``.
+
+    ``H(p) = -sum_e p_e log p_e`` with ``0 log 0 = 0``: ``log E`` for a router that cannot decide
+    (equal logits), 0 for a one-hot one. Read off the logits, so it is the same for every router
+    over the same gate (what :func:`moe_lite.losses.entropy` minimises, averaged there).
+    """
+    p = routing.probs  # [N, E]
+    return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1)
+
+
 def routing_summary(routing: Routing) -> Dict[str, float]:
     """Every headline statistic of one routing decision, as plain floats.
 
     Keys: ``experts_per_token`` (mean), ``experts_per_token_max``, ``dropped_fraction`` (share of
     tokens with no expert), ``load_cv``, ``max_vio``, ``dead_experts`` (experts with no token),
-    ``combination_usage`` (percent), ``tokens_per_expert_min`` / ``_max``.
+    ``combination_usage`` (percent), ``tokens_per_expert_min`` / ``_max``, ``router_entropy`` (mean
+    over tokens of :func:`router_entropy`, nats) and ``router_entropy_norm`` (that divided by
+    ``log E``: 1 = undecided router, 0 = one-hot; 0 when E = 1).
     """
     tpe = routing.tokens_per_expert
     ept = routing.experts_per_token
+    entropy = float(router_entropy(routing).detach().mean()) if routing.num_tokens else 0.0
+    log_e = math.log(routing.num_experts)
     return {
         "experts_per_token": float(ept.float().mean()),
         "experts_per_token_max": float(ept.max()) if ept.numel() else 0.0,
@@ -231,6 +248,8 @@ def routing_summary(routing: Routing) -> Dict[str, float]:
         "combination_usage": combination_usage(routing.mask),
         "tokens_per_expert_min": float(tpe.min()),
         "tokens_per_expert_max": float(tpe.max()),
+        "router_entropy": entropy,
+        "router_entropy_norm": entropy / log_e if log_e > 0 else 0.0,
     }
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from moe_lite.experiments.core import SIZES
+
 HERE = Path(__file__).resolve().parent
 #: ipykernel's python3 spec, exactly as JupyterLab stores it when it opens a notebook.
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
@@ -99,8 +101,7 @@ def execute(path: Path, size: str, timeout: int = 1800) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", help="notebook file names (default: all)")
-    parser.add_argument("--size", default=os.environ.get("MOE_LITE_SIZE", "quick"),
-                        choices=("smoke", "quick", "full"))
+    parser.add_argument("--size", default=os.environ.get("MOE_LITE_SIZE", "quick"), choices=SIZES)
     args = parser.parse_args()
     paths = [HERE / n for n in args.notebooks] or sorted(HERE.glob("[0-9][0-9]_*.ipynb"))
     for path in paths:

@@ -25,7 +25,9 @@ def test_run_all_smoke_end_to_end(tmp_path, monkeypatch):
     for name in EXPERIMENTS:
         record = json.loads((out / f"{name}.json").read_text())
         assert record["name"] == name and record["size"] == "smoke"
-        assert record["data_source"] == "embedded subset"
+        # the sequence study generates its data; every image study read the embedded subset
+        expected = "generated (moe_lite.sequences)" if name == "sequence" else "embedded subset"
+        assert record["data_source"] == expected
         assert record["wall_time_s"] > 0 and record["metrics"] and record["tables"]
         html = (out / f"{name}.html").read_text()
         assert html.count("<script") >= 2 and "plotly" in html.lower()
@@ -274,3 +276,22 @@ def test_report_accepts_every_published_record():
     if not folder.is_dir():
         pytest.skip("no published results in this copy")
     assert len(load_records(folder)) == len(list(folder.glob("*.json"))) > 0
+
+
+def test_costs_prints_one_row_per_representative_model(capsys):
+    assert main(["costs", "--size", "smoke"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("experiment | model | params")
+    assert [line.split(" | ")[:2] for line in lines[1:]] == [
+        ["vimoe", "dense"], ["vimoe", "vimoe"], ["dit", "dense"], ["dit", "expert race"], ["sequence", "top-2"]]
+
+
+def test_size_costs_count_the_planned_steps():
+    from moe_lite.experiments import vimoe
+    from moe_lite.experiments.costs import size_costs
+
+    rows = {(r["experiment"], r["model"]): r for r in size_costs("quick")}
+    assert rows[("vimoe", "dense")]["steps"] == vimoe.SIZES["quick"].max_steps == 1200
+    # total = per step x steps (the table rounds each)
+    r = rows[("dit", "dense")]
+    assert abs(r["PFLOP total"] - r["GFLOP/step"] * r["steps"] / 1e6) < 1e-3

@@ -3,6 +3,7 @@ page's figures and the published results that notebooks quote."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,8 +121,20 @@ def test_every_study_record_has_figures_and_mean_std_over_seeds(smoke_records):
     # the real-vs-real FD at the same sample count stands under every FD table
     floor = race["metrics"]["real_fd_floor"]
     assert floor["draws"] == 3 and floor["num_samples"] == 20 and floor["mean"] > 0
-    for rows in race["tables"].values():
-        assert rows[-1]["variant"].startswith("real images (FD noise floor")
+    for title, rows in race["tables"].items():
+        if not title.startswith("paired comparisons"):
+            assert rows[-1]["variant"].startswith("real images (FD noise floor")
+    # every record: provenance, and per-seed values carry their seed ids, paired against the baseline
+    # (none for this race selection: its baseline, dense, did not run)
+    for name in ("race", "dynamic", "vimoe-grid", "adapt", "zoo", "balance"):
+        record = json.loads((smoke_records / f"{name}.json").read_text())
+        assert record["provenance"]["seeds"] == [0, 1] and record["provenance"]["torch"] == torch.__version__
+        paired = [rows for title, rows in record["tables"].items() if title.startswith("paired comparisons")]
+        if name == "race":
+            assert not paired
+        else:
+            assert paired and paired[0] and all(row["seeds"] == 2 for row in paired[0]), name
+    assert race["metrics"]["expert race"]["fd_fmnist_classifier"]["seeds"] == [0, 1]
     grid = json.loads((smoke_records / "vimoe-grid.json").read_text())
     assert set(grid["metrics"]["cells"]) == {"8", "all"}
     dynamic = json.loads((smoke_records / "dynamic.json").read_text())
@@ -171,3 +184,171 @@ def test_show_published_picks_tables_by_title(monkeypatch):
     text = report.show_published("zoo", ["comp"])
     assert "python -m moe_lite run zoo --size quick --data embedded --seeds 0 1 2" in text
     assert "| top-2 | 0.70 ± 0.01 |" in text and "**other**" not in text
+
+
+# ---- paired comparisons, provenance, evaluation noise ----------------------------------------------------
+def test_mean_std_stores_the_seed_ids_beside_the_values():
+    assert mean_std([0.5, 0.7], seeds=[3, 1])["seeds"] == [3, 1]
+    assert "seeds" not in mean_std([0.5, 0.7])
+    with pytest.raises(ValueError, match="2 values but 3 seeds"):
+        mean_std([0.5, 0.7], seeds=[0, 1, 2])
+
+
+def _acc(values, seeds):
+    return {"accuracy": mean_std(values, seeds=seeds)}
+
+
+def test_paired_comparisons_pair_by_seed_id_against_the_baseline():
+    from moe_lite.experiments.core import paired_comparisons
+
+    # vimoe wins by 0.02 in every seed; stored in another seed order than dense: pairing is by id
+    metrics = {"variants": {"dense": _acc([0.80, 0.70, 0.75], [0, 1, 2]),
+                            "vimoe": _acc([0.77, 0.82, 0.72], [2, 0, 1])}}
+    title, rows = paired_comparisons("vimoe", metrics, seeds=[0, 1, 2])
+    assert title.startswith("paired comparisons against dense")
+    (row,) = rows
+    assert row["variant"] == "vimoe" and row["metric"] == "accuracy" and row["seeds"] == 3
+    assert row["difference"] == pytest.approx(0.02) and row["CI low"] == pytest.approx(0.02)
+    assert row["verdict"] == "vimoe better"
+    # without stored seed ids the config's order pairs them: the same values now differ by seed
+    plain = {"variants": {k: {"accuracy": {key: v["accuracy"][key] for key in ("mean", "std", "n", "values")}}
+                          for k, v in metrics["variants"].items()}}
+    assert paired_comparisons("vimoe", plain, seeds=[0, 1, 2])[1][0]["verdict"] == "not separable"
+    # one seed, a missing baseline or an experiment without a pairing: no rows
+    assert paired_comparisons("vimoe", {"variants": {"dense": _acc([0.8], [0]), "vimoe": _acc([0.9], [0])}}, [0])[1] == []
+    assert paired_comparisons("vimoe", {"variants": {"vimoe": _acc([0.8, 0.9], [0, 1])}}, [0, 1])[1] == []
+    assert paired_comparisons("sequence", metrics, [0, 1, 2])[1] == []
+
+
+def test_paired_comparisons_follow_each_metrics_direction_and_the_grid_cells():
+    from moe_lite.experiments.core import paired_comparisons
+
+    fd = lambda values: {"fd_fmnist_classifier": mean_std(values, seeds=[0, 1, 2])}  # noqa: E731
+    _, rows = paired_comparisons("race", {"dense": fd([39.0, 45.6, 35.0]), "expert race": fd([36.0, 42.0, 31.0]),
+                                          "real_fd_floor": {"mean": 3.0}, "curves": {}}, [0, 1, 2])
+    assert [(r["variant"], r["better"], r["verdict"]) for r in rows] == [("expert race", "lower", "expert race better")]
+    cells = {"cells": {"8": {"train_images": 80, "dense": _acc([0.5, 0.6], [0, 1]), "vimoe": _acc([0.4, 0.5], [0, 1])},
+                       "all": {"train_images": 800, "dense": _acc([0.7, 0.8], [0, 1]),
+                               "vimoe": _acc([0.71, 0.8], [0, 1])}}}
+    _, rows = paired_comparisons("vimoe-grid", cells, [0, 1])
+    assert [(r["train images"], r["verdict"]) for r in rows] == [("80", "dense better"), ("800", "not separable")]
+
+
+def test_result_json_records_provenance_without_the_host_name(tmp_path):
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    from moe_lite.experiments.core import ExperimentResult
+
+    result = ExperimentResult("vimoe", "smoke", "cpu", "embedded subset", config={"seeds": [0, 1]})
+    json_path, _ = result.save(tmp_path)
+    record = json.loads(json_path.read_text())
+    p = record["provenance"]
+    assert p["seeds"] == [0, 1] and p["torch"] == torch.__version__ and p["device"] == "cpu"
+    assert p["threads"] == torch.get_num_threads() and p["device_name"] and p["python"].count(".") == 2
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / ".git").exists():
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert p["git_commit"] == head.stdout.strip() and isinstance(p["git_dirty"], bool)
+    assert socket.gethostname() not in json_path.read_text()
+
+
+def test_provenance_outside_a_git_checkout_is_unknown(monkeypatch):
+    from moe_lite.experiments import core
+
+    monkeypatch.setattr(core, "_git", lambda *args: None)
+    p = core.provenance("cpu", [0])
+    assert p["git_commit"] == "unknown" and p["git_dirty"] is None
+
+
+def _vimoe_record(**extra):
+    metrics = {"variants": {"dense": {"accuracy": {"mean": 0.75, "std": 0.05, "n": 3, "values": [0.80, 0.70, 0.75]}},
+                            "vimoe": {"accuracy": {"mean": 0.77, "std": 0.05, "n": 3, "values": [0.82, 0.72, 0.77]}}}}
+    return {"name": "vimoe", "size": "quick", "device": "cpu", "data_source": "embedded subset",
+            "wall_time_s": 5.0, "config": {"seeds": [0, 1, 2], "test_images": 2000}, "metrics": metrics,
+            "tables": {"accuracy": [{"variant": "dense", "accuracy": 0.75}]}, **extra}
+
+
+def test_report_section_adds_paired_comparisons_noise_and_provenance():
+    from moe_lite.experiments.report import section
+
+    text = section(_vimoe_record())
+    assert "**paired comparisons against dense" in text
+    assert "| vimoe | dense | accuracy | higher | 0.02 | 0.02 | 0.02 | 3 | vimoe better |" in text
+    assert "no seed ids, so seeds are paired in the config's seed order (0 1 2)" in text
+    assert "measured on 2,000 test images: the binomial standard error of one accuracy is 0.97 points" in text
+    assert "Provenance: not recorded" in text
+    prov = {"git_commit": "0123456789abcdef0123", "git_dirty": True, "torch": "2.1", "python": "3.11.2",
+            "device": "cpu", "device_name": "Some CPU", "threads": 1, "seeds": [0, 1, 2]}
+    own = [{"variant": "vimoe", "verdict": "from the run"}]
+    text = section(_vimoe_record(provenance=prov, tables={"paired comparisons against dense (x)": own}))
+    assert ("Provenance: git 0123456789ab with uncommitted changes; torch 2.1, Python 3.11.2; cpu (Some CPU), "
+            "1 threads; seeds 0 1 2.") in text
+    # the run's own table is printed once and not recomputed
+    assert text.count("paired comparisons against dense") == 1 and "from the run" in text
+    assert "config's seed order" not in text
+
+
+def test_a_page_sentence_must_agree_with_the_json_it_cites():
+    from moe_lite.experiments.report import check_record_sentence, record_comparison
+    from moe_lite.stats import compare_sentence
+
+    record = _vimoe_record()
+    result = record_comparison(record, "vimoe", "dense", "accuracy")
+    sentence = compare_sentence("vimoe", "dense", result, "accuracy")
+    assert sentence.startswith("vimoe beats dense on accuracy by 0.02 (95% CI [0.02, 0.02], 3 seeds")
+    check_record_sentence(sentence, record, "vimoe", "dense", "accuracy")
+    with pytest.raises(AssertionError, match="claims 'not separable'"):
+        check_record_sentence("vimoe and dense are not separable.", record, "vimoe", "dense", "accuracy")
+    # when the numbers change, the same sentence fails
+    record["metrics"]["variants"]["vimoe"]["accuracy"]["values"] = [0.82, 0.68, 0.77]
+    with pytest.raises(AssertionError, match="the numbers give 'not separable'"):
+        check_record_sentence(sentence, record, "vimoe", "dense", "accuracy")
+    with pytest.raises(KeyError, match="no per-seed 'accuracy' for 'vimoe-all'"):
+        record_comparison(record, "vimoe-all", "dense", "accuracy")
+
+
+def test_published_records_get_paired_tables_and_show_published_is_unchanged():
+    from moe_lite.experiments.report import load_records, record_paired_table, section, show_published
+
+    records = {r["name"]: r for r in load_records(Path(__file__).resolve().parents[1] / "docs/results/quick")}
+    for name in ("race", "dit", "vimoe", "vimoe-grid", "dynamic", "zoo", "balance", "adapt"):
+        title, rows, _ = record_paired_table(records[name])
+        assert rows and all(r["seeds"] == 3 for r in rows), name
+        assert title in section(records[name])
+    # the notebooks quote show_published: it shows the stored tables only
+    assert "paired comparisons" not in show_published("race") and "Provenance" not in show_published("race")
+
+
+def test_every_experiment_defines_every_size():
+    """smoke / quick / gpu / full exist for every experiment, so `--size gpu` never fails half-way."""
+    from moe_lite.experiments import SIZES, adapt, diffusion, dynamic, sequence, vimoe, zoo
+
+    for module in (adapt, diffusion, dynamic, sequence, vimoe, zoo):
+        assert tuple(module.SIZES) == SIZES, module.__name__
+    assert tuple(vimoe.GRID_TRAIN_SIZES) == SIZES
+
+
+def test_quick_vit_recipe_is_the_measured_one():
+    """The quick ViT recipe of docs/recipes.md: 7x7 patches after a conv stem, a class token, mirrors
+    only, label smoothing, 1200 steps; and the classification task the trainer gets follows it."""
+    from moe_lite.experiments import vimoe
+    from moe_lite.experiments.common import QUICK_MODEL
+
+    quick = vimoe.SIZES["quick"]
+    assert quick.model == QUICK_MODEL == {"patch_size": 7, "stem": "conv", "stem_channels": 8, "pooling": "cls"}
+    assert (quick.max_steps, quick.augment, quick.shift, quick.label_smoothing) == (1200, True, 0, 0.1)
+
+
+def test_reference_classifiers():
+    import torch
+
+    from moe_lite.models.reference import PixelClassifier
+
+    x = torch.randn(3, 1, 28, 28)
+    assert PixelClassifier()(x).shape == (3, 10)
+    assert sum(p.numel() for p in PixelClassifier().parameters()) == 784 * 10 + 10
+    assert sum(p.numel() for p in PixelClassifier(256).parameters()) == 784 * 256 + 256 + 256 * 10 + 10
+    with pytest.raises(ValueError, match="hidden"):
+        PixelClassifier(0)

@@ -136,7 +136,38 @@ def test_routing_summary_hand_values():
     assert s["dead_experts"] == 1.0  # expert 1
     assert s["combination_usage"] == pytest.approx(100 / 3)  # only pair (0, 2) of 3 pairs
     assert s["tokens_per_expert_min"] == 0.0 and s["tokens_per_expert_max"] == 2.0
+    assert s["router_entropy"] == pytest.approx(math.log(3))  # zero logits: uniform over 3 experts
+    assert s["router_entropy_norm"] == pytest.approx(1.0)
+    assert set(s) == {"experts_per_token", "experts_per_token_max", "dropped_fraction", "load_cv", "max_vio",
+                      "dead_experts", "combination_usage", "tokens_per_expert_min", "tokens_per_expert_max",
+                      "router_entropy", "router_entropy_norm"}
     assert all(isinstance(v, float) for v in s.values())
+
+
+def test_router_entropy_hand_values():
+    # token 0: p = [1/2, 1/2, 0-ish] -> log 2; token 1: one-hot -> 0; mean log(2) / 2 over the 2 tokens
+    big = 1e4
+    logits = torch.tensor([[[0.0, 0.0, -big], [big, 0.0, 0.0]]])
+    s = make_routing(1, 2, 3, [(0, 0, 1.0), (1, 0, 1.0)], logits=logits).summary()
+    assert s["router_entropy"] == pytest.approx(math.log(2) / 2, abs=1e-6)
+    assert s["router_entropy_norm"] == pytest.approx(math.log(2) / 2 / math.log(3), abs=1e-6)
+    # one expert: entropy 0, normalised entropy 0 (not 0/0)
+    s1 = make_routing(1, 2, 1, [(0, 0, 1.0)]).summary()
+    assert s1["router_entropy"] == 0.0 and s1["router_entropy_norm"] == 0.0
+
+
+def test_router_entropy_against_loop_reference():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 5, generator=g) * 2
+    s = make_routing(2, 3, 5, [(0, 1, 1.0)], logits=logits).summary()
+    rows = logits.reshape(-1, 5).tolist()
+    ref = 0.0
+    for row in rows:
+        z = sum(math.exp(v) for v in row)
+        ref -= sum(math.exp(v) / z * math.log(math.exp(v) / z) for v in row)
+    ref /= len(rows)
+    assert s["router_entropy"] == pytest.approx(ref, rel=1e-5)
+    assert s["router_entropy_norm"] == pytest.approx(ref / math.log(5), rel=1e-5)
 
 
 def test_routing_summary_against_loop_reference():

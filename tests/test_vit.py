@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import moe_lite
-from moe_lite.layers import FFN, MoE
+from moe_lite.layers import FFN, MoE, SoftMoE
 from moe_lite.models.vit import (
     ViT,
     ViTConfig,
@@ -363,6 +363,10 @@ def test_state_dict_round_trip(router):
         (dict(block_hidden=[8, 8]), "block_hidden"),
         (dict(stem="resnet"), "stem"),
         (dict(stem="conv", stem_channels=0), "stem_channels"),
+        (dict(moe_type="sparse"), "moe_type"),
+        (dict(moe_type="soft", moe_layers="last-2", slots_per_expert=0), "slots_per_expert"),
+        (dict(moe_type="soft", moe_layers="last-2", num_shared=1), "shared"),
+        (dict(moe_type="soft", moe_layers="last-2", moe_losses={"load_balance": 0.01}), "loss"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -409,3 +413,47 @@ def test_set_threshold_rejects_a_bad_p_and_changes_nothing(bad):
     with pytest.raises(ValueError, match="p must be in"):
         set_threshold(model, bad)
     assert all(layer.router.p == 0.4 for _, layer in moe_lite.moe_layers(model))
+
+
+# ---- Soft MoE blocks ----------------------------------------------------------------------------------
+def test_soft_moe_blocks_replace_the_routed_ones():
+    config = tiny(moe_layers="last-2", moe_type="soft", slots_per_expert=2)
+    model = ViT(config)
+    for i, block in enumerate(model.blocks):
+        assert block.is_moe == (i in (2, 3))
+        assert isinstance(block.mlp, SoftMoE if i in (2, 3) else FFN)
+    layer = model.blocks[3].mlp
+    assert (layer.num_experts, layer.slots_per_expert, layer.hidden) == (4, 2, 16)
+    out = model(images())
+    assert out.shape == (B, 10) and torch.isfinite(out).all()
+    # every slot is a convex mix of the 16 tokens; every token a convex mix of the 8 slots
+    assert layer.dispatch_weights.shape == (B, 16, 8) and layer.combine_weights.shape == (B, 16, 8)
+    assert torch.allclose(layer.dispatch_weights.sum(1), torch.ones(B, 8))
+    # no discrete routing: the collectors skip it, nothing is dropped, no aux loss
+    assert moe_lite.routing_stats(model) == {} and float(moe_lite.aux_loss(model)) == 0.0
+    # it trains: gradients reach the slot parameters
+    F.cross_entropy(out, torch.arange(B)).backward()
+    assert layer.phi.grad is not None and layer.phi.grad.abs().sum() > 0
+
+
+def test_soft_moe_default_is_routed_and_round_trips():
+    assert ViTConfig().moe_type == "routed"
+    assert isinstance(ViT(tiny(moe_layers="last-1")).blocks[3].mlp, MoE)
+    config = tiny(moe_layers=[1], moe_type="soft")
+    a, b = ViT(config), ViT(config)
+    b.load_state_dict(a.state_dict())
+    x = images()
+    assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+def test_zoo_soft_entry_builds_soft_blocks():
+    from moe_lite.experiments.zoo import SOFT, ZOO, backbone, entry_config
+
+    soft = [name for name, (router, _, _) in ZOO.items() if router == SOFT]
+    assert len(soft) == 1
+    config = entry_config(backbone("smoke"), *ZOO[soft[0]])
+    model = ViT(config)
+    assert [type(b.mlp) for b in model.blocks] == [SoftMoE, SoftMoE]  # smoke: depth 2, MoE in the last 2
+    assert model(images(2)).shape == (2, 10)
+    # a routed entry is unchanged
+    assert isinstance(ViT(entry_config(backbone("smoke"), *ZOO["top-2"])).blocks[-1].mlp, MoE)

@@ -10,8 +10,8 @@ import torch
 from ..models.adapters import adapt, adapter_cost, split_classes
 from ..models.vit import ViT, ViTConfig
 from .. import viz
-from .common import ClassifySize, seeded_build, train_classifier
-from .core import Dataset, ExperimentResult, RunContext, Timer, mean_std
+from .common import QUICK_MODEL, ClassifySize, seeded_build, train_classifier
+from .core import Dataset, ExperimentResult, RunContext, Timer, add_paired_comparisons, mean_std
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 ADAPT_CLASSES = (5, 6, 7, 8, 9)
@@ -21,10 +21,16 @@ SIZES: Dict[str, Tuple[ClassifySize, ClassifySize]] = {
     "smoke": (ClassifySize(n_per_class=24, test_per_class=8, epochs=1, batch_size=40,
                            model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
               ClassifySize(n_per_class=16, test_per_class=8, epochs=1, batch_size=40)),
-    "quick": (ClassifySize(n_per_class=None, test_per_class=None, epochs=1, max_steps=300, eval_every=100,
-                           batch_size=128, lr=3e-3, augment=False),
+    # pretraining: the ViT quick recipe (docs/recipes.md) on the five pretraining classes
+    "quick": (ClassifySize(n_per_class=None, test_per_class=None, epochs=1, max_steps=1200, eval_every=400,
+                           batch_size=128, lr=3e-3, augment=True, shift=0, label_smoothing=0.1, model=QUICK_MODEL),
               ClassifySize(n_per_class=200, test_per_class=None, epochs=1, max_steps=100, eval_every=50,
                            batch_size=100, lr=3e-3, augment=False)),
+    "gpu": (ClassifySize(n_per_class=None, test_per_class=None, epochs=1, max_steps=4000, eval_every=1000,
+                         batch_size=256, lr=2e-3, augment=True, shift=0, label_smoothing=0.1,
+                         model={**QUICK_MODEL, "dim": 128, "depth": 6, "heads": 4, "mlp_hidden": 256}),
+            ClassifySize(n_per_class=1000, test_per_class=None, epochs=1, max_steps=1000, eval_every=250,
+                         batch_size=128, lr=1e-3, augment=False)),
     "full": (ClassifySize(n_per_class=None, test_per_class=None, epochs=20, batch_size=256, lr=1e-3,
                           model={"dim": 128, "depth": 6, "heads": 4, "mlp_hidden": 256}),
              ClassifySize(n_per_class=1000, test_per_class=None, epochs=10, batch_size=128, lr=1e-3)),
@@ -66,7 +72,8 @@ def run_adapt(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
     result = ExperimentResult("adapt", ctx.size, str(ctx.device), train_all.source,
                               config={"methods": {m: METHODS[m] for m in chosen}, "rank": rank,
                                       "num_experts": num_experts, "seeds": ctx.seeds,
-                                      "pretrain_images": len(pre_train), "adapt_images": len(ada_train)})
+                                      "pretrain_images": len(pre_train), "adapt_images": len(ada_train),
+                                      "test_images": len(ada_test)})
     with Timer() as timer:
         pretrained = seeded_build(ctx.seeds[0], lambda: ViT(config))
         base = train_classifier("pretrain (classes 0-4)", pretrained, ctx, pre_spec, ctx.seeds[0],
@@ -95,7 +102,7 @@ def run_adapt(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
                         record.model(ada_test.x[:512].to(ctx.device))
                     cost = adapter_cost(record.model)  # routing of that eval forward
                     result.models[method] = record.model
-            acc = mean_std(accs)
+            acc = mean_std(accs, seeds=ctx.seeds)
             result.metrics[method] = {"accuracy": acc, **cost}
             rows.append({"method": method, "accuracy": round(acc["mean"], 4), "accuracy_std": round(acc["std"], 4),
                          "seeds": acc["n"], "trainable_params": int(cost["trainable_params"]),
@@ -105,5 +112,6 @@ def run_adapt(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
             [r["trainable_params"] for r in rows], [r["accuracy"] for r in rows], labels=chosen,
             x_title="trainable parameters", y_title="test accuracy (classes 5-9)",
             title="Adapting a frozen ViT: accuracy against trainable parameters")
+    add_paired_comparisons(result)
     result.wall_time_s = timer.seconds
     return result

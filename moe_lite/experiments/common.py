@@ -9,11 +9,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..analysis import EXPERT_LOAD, expert_load
 from ..layers import moe_layers, routing_stats
 from ..routing import by_label
 from ..train import (CheckpointError, ClassificationTask, History, TrainConfig, fit, load_checkpoint,
                      read_checkpoint, remove_stale_temporaries)
 from .core import Dataset, RunContext
+
+
+#: the quick ViT recipe's architecture (docs/recipes.md), as overrides of ViTConfig's defaults: 16 tokens
+#: of 7x7 patches after a 3x3 conv stem with 8 maps, and a class token
+QUICK_MODEL = {"patch_size": 7, "stem": "conv", "stem_channels": 8, "pooling": "cls"}
 
 
 @dataclass(frozen=True)
@@ -27,7 +33,8 @@ class ClassifySize:
     on a small training set is often); ``time_budget_s``: a wall-time cap (stops early on a slow
     machine, so results then depend on its speed);
     ``model``: ViTConfig field overrides (e.g. a tinier model for smoke); ``augment``: random
-    shifts and mirrors in training (:class:`moe_lite.train.ClassificationTask`).
+    shifts (up to ``shift`` pixels; 0 = mirrors only) and mirrors in training, ``label_smoothing``
+    of the training loss (:class:`moe_lite.train.ClassificationTask`).
     """
 
     n_per_class: Optional[int]
@@ -40,6 +47,8 @@ class ClassifySize:
     time_budget_s: Optional[float] = None
     model: Dict[str, Any] = field(default_factory=dict)
     augment: bool = True
+    shift: int = 2
+    label_smoothing: float = 0.0
 
 
 def seeded_build(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
@@ -154,7 +163,7 @@ def train_classifier(name: str, model: nn.Module, ctx: RunContext, size: Classif
                          eval_every=size.eval_every)
     if ctx.progress:
         print(f"[{name}] seed {seed}: {sum(p.numel() for p in model.parameters()):,} parameters")
-    task = ClassificationTask(augment=size.augment)
+    task = ClassificationTask(augment=size.augment, shift=size.shift, label_smoothing=size.label_smoothing)
     history = cached_fit(experiment, name, model, task, train_loader, test_loader, config, ctx,
                          key=(seed, task, *key), callbacks=callbacks)
     final = history.evals[-1]
@@ -221,7 +230,7 @@ def routing_by_class(model: nn.Module, data: Dataset, device: torch.device, num_
 
 def routing_table(stats: Dict[str, Dict[str, float]], keys: Sequence[str] = (
         "experts_per_token", "load_cv", "max_vio", "dead_experts", "dropped_fraction",
-        "combination_usage")) -> List[Dict[str, Any]]:
+        "combination_usage", "router_entropy_norm")) -> List[Dict[str, Any]]:
     """Rows ``{"layer": name, key: value...}`` for a report table."""
     return [{"layer": name, **{k: round(float(v[k]), 4) for k in keys if k in v}} for name, v in stats.items()]
 
@@ -239,10 +248,18 @@ def layer_mean(stats: Dict[str, Dict[str, float]], keys: Sequence[str]) -> Dict[
 
 class StepStats:
     """A training callback that records each MoE layer's routing statistics every ``every`` steps
-    (from the training forward it just did: no extra compute)."""
+    (from the training forward it just did: no extra compute).
 
-    def __init__(self, every: int = 10) -> None:
+    A record holds ``step``, ``"<layer>/<statistic>"`` for every entry of ``routing.summary()``, the
+    mean over layers of the main ones, and, with ``expert_load`` (default), ``"<layer>/expert_load"``:
+    the ``[E]`` list of each expert's share of the assignments (:func:`moe_lite.analysis.expert_load`),
+    what :func:`moe_lite.viz.expert_load_heatmap` draws over training (one more host read per layer
+    per record, beside the summary's).
+    """
+
+    def __init__(self, every: int = 10, expert_load: bool = True) -> None:
         self.every = every
+        self.expert_load = bool(expert_load)
         self.records: List[Dict[str, Any]] = []
 
     def __call__(self, event: str, info: Dict[str, Any]) -> None:
@@ -256,13 +273,18 @@ class StepStats:
         for layer_name, values in layers.items():
             for key, value in values.items():
                 record[f"{layer_name}/{key}"] = value
+        if self.expert_load:
+            for layer_name, layer in moe_layers(info["model"]):
+                if layer.routing is not None:
+                    record[f"{layer_name}/{EXPERT_LOAD}"] = expert_load(layer.routing).tolist()
         # the mean over layers: the curve a reader looks at first
         record.update(layer_mean(layers, ("load_cv", "max_vio", "combination_usage", "experts_per_token",
-                                          "dead_experts")))
+                                          "dead_experts", "router_entropy_norm")))
         self.records.append(record)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"every": self.every, "records": self.records}
+        return {"every": self.every, "expert_load": self.expert_load, "records": self.records}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.every, self.records = state["every"], list(state["records"])
+        self.expert_load = bool(state.get("expert_load", self.expert_load))

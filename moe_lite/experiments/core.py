@@ -5,15 +5,19 @@ import hashlib
 import json
 import math
 import os
+import platform
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-SIZES = ("smoke", "quick", "full")
+#: smoke: CI, seconds; quick: a CPU, minutes; gpu: a free Colab GPU (T4), minutes; full: a paper-style
+#: study on a datacenter GPU
+SIZES = ("smoke", "quick", "gpu", "full")
 DATA_CHOICES = ("auto", "embedded")
 SIZE_ENV = "MOE_LITE_SIZE"
 
@@ -155,12 +159,16 @@ class ExperimentResult:
     config: Dict[str, Any] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     wall_time_s: float = 0.0
+    #: where the numbers came from (:func:`provenance`); filled on the first :meth:`to_dict`
+    provenance: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
+        if not self.provenance:
+            self.provenance = provenance(self.device, self.config.get("seeds"))
         return jsonable({
             "name": self.name, "size": self.size, "device": self.device, "data_source": self.data_source,
             "wall_time_s": round(self.wall_time_s, 2), "metrics": self.metrics, "tables": self.tables,
-            "config": self.config, "notes": self.notes,
+            "config": self.config, "notes": self.notes, "provenance": self.provenance,
         })
 
     def save(self, out: str | Path) -> Tuple[Path, Path]:
@@ -170,11 +178,13 @@ class ExperimentResult:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         json_path = out / f"{self.name}.json"
-        json_path.write_text(json.dumps(self.to_dict(), indent=2))
+        record = self.to_dict()
+        json_path.write_text(json.dumps(record, indent=2))
         html_path = out / f"{self.name}.html"
         header = {"experiment": self.name, "size": self.size, "device": self.device,
                   "data": self.data_source, "wall time (s)": round(self.wall_time_s, 1)}
-        tables = {"run": header, **{k: jsonable(v) for k, v in self.tables.items()}}
+        tables = {"run": header, "provenance": record["provenance"],
+                  **{k: jsonable(v) for k, v in self.tables.items()}}
         if self.notes:
             tables["notes"] = {f"{i + 1}": note for i, note in enumerate(self.notes)}
         figures_to_html(self.figures, title=f"moe_lite: {self.name} ({self.size})", tables=tables, path=html_path)
@@ -208,8 +218,158 @@ def format_mean_std(summary: Dict[str, Any], digits: int) -> Any:
     return round(summary["mean"], digits)
 
 
-def mean_std(values: Sequence[float]) -> Dict[str, float]:
-    """Mean and (sample) standard deviation over seeds; std is 0 for a single value."""
+def mean_std(values: Sequence[float], seeds: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """Mean and (sample) standard deviation over seeds; std is 0 for a single value. ``values``
+    are kept, and with ``seeds`` (aligned with ``values``) the seed ids too, so two variants can be
+    compared paired by seed (:func:`paired_comparisons`)."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     std = float(t.std()) if t.numel() > 1 else 0.0
-    return {"mean": float(t.mean()), "std": std, "n": int(t.numel()), "values": [float(v) for v in values]}
+    out = {"mean": float(t.mean()), "std": std, "n": int(t.numel()), "values": [float(v) for v in values]}
+    if seeds is not None:
+        if len(seeds) != len(out["values"]):
+            raise ValueError(f"mean_std: {len(out['values'])} values but {len(seeds)} seeds ({list(seeds)})")
+        out["seeds"] = list(seeds)
+    return out
+
+
+# ---- paired comparisons against each experiment's baseline ---------------------------------------------
+@dataclass(frozen=True)
+class Pairing:
+    """What an experiment's variants are compared with: the ``baseline`` variant, the ``metrics``
+    (a key of a variant's entry, dotted for a nested one, e.g. ``"routing_seeds.max_vio"`` ->
+    ``"higher"`` or ``"lower"`` is better), and where the variants' entries are in ``metrics``:
+    ``""`` (at its top), ``"variants"`` (``metrics["variants"]``) or ``"cells"`` (one group of
+    variants per ``metrics["cells"]`` entry, e.g. per training-set size)."""
+
+    baseline: str
+    metrics: Dict[str, str]
+    where: str = ""
+
+    def groups(self, metrics: Mapping[str, Any]) -> Dict[str, Mapping[str, Any]]:
+        """``{group label: {variant: entry}}`` ("" labels the only group)."""
+        if self.where == "cells":
+            return {str(cell.get("train_images")): cell for cell in (metrics.get("cells") or {}).values()}
+        return {"": (metrics.get(self.where) or {}) if self.where else metrics}
+
+
+#: experiment name -> its pairing; "seeds" of :func:`mean_std` make the pairs
+PAIRINGS: Dict[str, Pairing] = {
+    "vimoe": Pairing("dense", {"accuracy": "higher"}, "variants"),
+    "vimoe-grid": Pairing("dense", {"accuracy": "higher"}, "cells"),
+    "dynamic": Pairing("top-2", {"accuracy": "higher", "experts_per_token": "lower"}),
+    "zoo": Pairing("top-2", {"accuracy": "higher"}),
+    "balance": Pairing("no balancing", {"accuracy": "higher", "routing_seeds.max_vio": "lower"}),
+    "adapt": Pairing("LoRA (matched params)", {"accuracy": "higher"}),
+    "dit": Pairing("dense", {"fd_fmnist_classifier": "lower", "conditional_accuracy": "higher"}),
+    "race": Pairing("dense", {"fd_fmnist_classifier": "lower", "conditional_accuracy": "higher"}),
+}
+#: the title of the paired table starts with this
+PAIRED_TABLE = "paired comparisons"
+
+
+def _lookup(entry: Any, path: str) -> Any:
+    for part in path.split("."):
+        entry = entry.get(part) if isinstance(entry, Mapping) else None
+    return entry
+
+
+def seed_values(summary: Mapping[str, Any], seeds: Sequence[Any]) -> Dict[Any, float]:
+    """``{seed: value}`` of a :func:`mean_std` summary; ``seeds`` stand in for its own seed ids
+    when it has none (records written before they were stored)."""
+    from ..stats import by_seed
+
+    return by_seed(summary["values"], summary.get("seeds") or seeds)
+
+
+def paired_comparisons(name: str, metrics: Mapping[str, Any], seeds: Sequence[Any],
+                       confidence: float = 0.95) -> Tuple[str, List[Dict[str, Any]]]:
+    """(table title, rows): every variant of experiment ``name`` against its baseline
+    (:data:`PAIRINGS`), per metric: the mean paired difference (variant − baseline) over seeds,
+    its Student-t interval and the verdict. Per-seed values are paired by their stored seed ids,
+    or by ``seeds`` (the config's seed order) where a summary has none. No rows when the
+    experiment has no pairing, the baseline did not run, or fewer than 2 seeds ran."""
+    from ..stats import paired_difference
+
+    pairing = PAIRINGS.get(name)
+    title = (f"{PAIRED_TABLE} against {pairing.baseline if pairing else '-'} (variant − baseline per seed; "
+             f"{confidence * 100:g}% t-interval over seeds)")
+    if pairing is None:
+        return title, []
+    rows = []
+    for label, entries in pairing.groups(metrics).items():
+        base = entries.get(pairing.baseline)
+        if not isinstance(base, Mapping):
+            continue
+        for variant, entry in entries.items():
+            if variant == pairing.baseline or not isinstance(entry, Mapping):
+                continue
+            for metric, direction in pairing.metrics.items():
+                a, b = _lookup(entry, metric), _lookup(base, metric)
+                if not (isinstance(a, Mapping) and isinstance(b, Mapping) and "values" in a and "values" in b):
+                    continue
+                if min(len(a["values"]), len(b["values"])) < 2:
+                    continue
+                row = {"train images": label} if label else {}
+                row.update({"variant": variant, "baseline": pairing.baseline, "metric": metric,
+                            "better": direction})
+                try:
+                    r = paired_difference(seed_values(a, seeds), seed_values(b, seeds), confidence, direction)
+                except ValueError as err:
+                    rows.append({**row, "difference": None, "CI low": None, "CI high": None,
+                                 "seeds": len(a["values"]), "verdict": f"n/a: {err}"})
+                    continue
+                verdict = {"A better": f"{variant} better", "B better": f"{pairing.baseline} better"}.get(
+                    r.verdict, r.verdict)
+                rows.append({**row, "difference": r.mean, "CI low": r.low, "CI high": r.high, "seeds": r.n,
+                             "verdict": verdict})
+    return title, rows
+
+
+def add_paired_comparisons(result: "ExperimentResult") -> None:
+    """Add the :func:`paired_comparisons` table of ``result`` (from its metrics and seeds) to its
+    tables, when there is one."""
+    title, rows = paired_comparisons(result.name, result.metrics, result.config.get("seeds") or [])
+    if rows:
+        result.tables[title] = rows
+
+
+# ---- provenance -------------------------------------------------------------------------------------------
+def _git(*args: str) -> Optional[str]:
+    """Output of a git command in the repository this package lives in; None outside a checkout
+    (e.g. a pip-installed copy) or without git."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def device_name(device: str) -> str:
+    """The model name of ``device``: the GPU's for CUDA, else the CPU's (``/proc/cpuinfo`` on
+    Linux, else :func:`platform.processor`)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def provenance(device: str, seeds: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """Where a result came from: git commit (``"unknown"`` outside a git checkout) and whether
+    tracked files differed from it, torch and Python versions, device and its model name, CPU
+    threads, seeds. No host name or user (results are published)."""
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit or "unknown", "git_dirty": bool(dirty) if commit else None,
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "device_name": device_name(str(device)), "threads": torch.get_num_threads(),
+            "seeds": list(seeds) if seeds is not None else None}

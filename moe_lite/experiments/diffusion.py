@@ -20,7 +20,7 @@ from ..metrics import real_fd_floor
 from ..train import TrainConfig
 from .. import viz
 from .common import StepStats, cached_fit, layer_mean, loaders, seeded_build
-from .core import ExperimentResult, RunContext, Timer, format_mean_std, mean_std
+from .core import ExperimentResult, RunContext, Timer, add_paired_comparisons, format_mean_std, mean_std
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,16 @@ SIZES: Dict[str, DiffusionSize] = {
     "smoke": DiffusionSize(n_per_class=16, epochs=1, batch_size=40, lr=2e-3, time_budget_s=None,
                            samples_per_class=2, sample_steps=3, cfg_scale=2.0,
                            model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
-    # 500 steps of 64 images (3.2 epochs of the 10k subset): about 2.3 minutes per model with one CPU
-    # thread (two runs sharing a 2-core CPU); the Race study (12 trained variants x 3 seeds) took 81 min
-    "quick": DiffusionSize(n_per_class=None, epochs=1, max_steps=500, batch_size=64, lr=2e-3, time_budget_s=None,
+    # 800 steps of 64 images (5 epochs of the 10k subset), measured by `scripts/sweep_dit.py` (seed 0,
+    # one CPU thread, Heun 10 steps, guidance 2): conditional accuracy 0.53 at 500 steps and 0.73 at 1000
+    # for the dense DiT; 0.62 for expert race at 800 (FD 28.5 against a real-vs-real floor of 5.4).
+    # Guidance 3 buys 3-4 points of accuracy for about 6 points of FD; EMA weights did not help.
+    "quick": DiffusionSize(n_per_class=None, epochs=1, max_steps=800, batch_size=64, lr=2e-3, time_budget_s=None,
                            samples_per_class=30, sample_steps=10, cfg_scale=2.0),
+    # A free Colab GPU (T4): a wider, deeper DiT for longer. Calibrated by FLOPs, not yet measured on a T4.
+    "gpu": DiffusionSize(n_per_class=None, epochs=1, max_steps=4000, batch_size=128, lr=1e-3, time_budget_s=None,
+                         samples_per_class=100, sample_steps=20, cfg_scale=2.0,
+                         model={"dim": 192, "depth": 6, "heads": 6, "mlp_hidden": 768}),
     "full": DiffusionSize(n_per_class=None, epochs=60, batch_size=256, lr=5e-4, time_budget_s=None,
                           samples_per_class=500, sample_steps=25, cfg_scale=2.0,
                           model={"dim": 256, "depth": 8, "heads": 8, "mlp_hidden": 1024}),
@@ -197,16 +203,18 @@ def run_dit(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None
                                      ("max_vio", "combination_usage", "load_cv"))
                 per_seed.append((model, history, gen, tracker, balance))
             model, history, gen, tracker, _ = per_seed[0]
-            summary = {key: mean_std([g[key] for _, _, g, _, _ in per_seed])
+            summary = {key: mean_std([g[key] for _, _, g, _, _ in per_seed], seeds=ctx.seeds)
                        for key in ("fd_fmnist_classifier", "conditional_accuracy")}
             if "experts_per_token" in gen:
-                summary["sampling_experts_per_token"] = mean_std([g["experts_per_token"] for _, _, g, _, _ in per_seed])
+                summary["sampling_experts_per_token"] = mean_std([g["experts_per_token"] for _, _, g, _, _ in per_seed],
+                                                                 seeds=ctx.seeds)
             for key in ("max_vio", "combination_usage", "load_cv"):
                 if key in per_seed[0][4]:
-                    summary[key] = mean_std([b[key] for *_, b in per_seed])
+                    summary[key] = mean_std([b[key] for *_, b in per_seed], seeds=ctx.seeds)
             final = history.evals[-1]
-            entry = {**summary, "val_loss": mean_std([h.evals[-1].get("loss") for _, h, *_ in per_seed]),
-                     "train_time_s": mean_std([h.wall_time_s for _, h, *_ in per_seed]),
+            entry = {**summary,
+                     "val_loss": mean_std([h.evals[-1].get("loss") for _, h, *_ in per_seed], seeds=ctx.seeds),
+                     "train_time_s": mean_std([h.wall_time_s for _, h, *_ in per_seed], seeds=ctx.seeds),
                      "steps": history.steps[-1]["step"] if history.steps else 0,
                      "routing": final.get("routing"), "config": dataclasses.asdict(config)}
             result.metrics[variant] = entry
@@ -236,6 +244,7 @@ def run_dit(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None
         if moe_curves:
             result.figures["balance during training"] = viz.stat_curves(
                 moe_curves, x="step", keys=("load_cv", "max_vio", "combination_usage"))
+    add_paired_comparisons(result)
     result.wall_time_s = timer.seconds
     return result
 

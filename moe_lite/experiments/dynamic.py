@@ -10,7 +10,7 @@ from ..data import CLASS_NAMES
 from ..models.vit import ViT, ViTConfig, dynamic_config, experts_per_sample, set_threshold, top2_config
 from .. import viz
 from .common import ClassifySize, predict, routing_table, seeded_build, train_classifier
-from .core import Dataset, ExperimentResult, RunContext, Timer, format_mean_std, mean_std
+from .core import Dataset, ExperimentResult, RunContext, Timer, add_paired_comparisons, format_mean_std, mean_std
 from .vimoe import SIZES as VIT_SIZES
 
 SIZES: Dict[str, ClassifySize] = VIT_SIZES
@@ -77,7 +77,7 @@ def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = 
         configs["top-p, no entropy loss"] = dynamic_config(base, p=p, entropy_weight=0.0)
     result = ExperimentResult("dynamic", ctx.size, str(ctx.device), train_all.source,
                               config={"p": p, "entropy_weight": entropy_weight, "seeds": ctx.seeds,
-                                      "models": list(configs), "train_images": len(train),
+                                      "models": list(configs), "train_images": len(train), "test_images": len(test),
                                       "size": dataclasses.asdict(spec)})
     with Timer() as timer:
         rows, hardness_rows = [], []
@@ -93,8 +93,10 @@ def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = 
                     result.figures[f"training curves: {name}"] = viz.training_curves(record.history)
                     result.metrics[f"{name}/routing"] = record.metrics.get("routing")
                     first = profile
-            summary = {key: mean_std([d[key] for d in per_seed]) for key in per_seed[0] if key != "layers"}
-            layers = {layer: mean_std([d["layers"][layer] for d in per_seed]) for layer in per_seed[0]["layers"]}
+            summary = {key: mean_std([d[key] for d in per_seed], seeds=ctx.seeds)
+                       for key in per_seed[0] if key != "layers"}
+            layers = {layer: mean_std([d["layers"][layer] for d in per_seed], seeds=ctx.seeds)
+                      for layer in per_seed[0]["layers"]}
             result.metrics[name] = {
                 **summary,
                 "experts_per_layer": {k: v["mean"] for k, v in layers.items()},
@@ -117,6 +119,7 @@ def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = 
         result.tables["do harder inputs take more experts?"] = hardness_rows
         _class_table_and_figures(result, test)
         _threshold_sweep(result, test, ctx)
+    add_paired_comparisons(result)
     result.wall_time_s = timer.seconds
     return result
 

@@ -104,7 +104,8 @@ def compare_figures(record: Record) -> Dict[str, go.Figure]:
     names = [n for n in record["config"]["entries"] if n in metrics]
     if record["name"] == "zoo":
         fig = go.Figure(go.Scatter(
-            x=[metrics[n]["routing_mean"].get("experts_per_token") for n in names],
+            x=[metrics[n]["routing_mean"].get("experts_per_token", metrics[n].get("expert_forwards_per_token"))
+               for n in names],  # soft MoE has no routing: its compute is slots / tokens expert forwards
             y=[metrics[n]["accuracy"]["mean"] for n in names],
             error_y={"type": "data", "array": [metrics[n]["accuracy"]["std"] for n in names]},
             mode="markers+text", text=names, textposition="top center"))

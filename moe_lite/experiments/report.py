@@ -5,7 +5,10 @@
         --figures docs/results/figures --out docs/results.md
 
 Every table comes from a run's JSON, with the command that reproduces it, the size, device, data
-source and wall time, so the page never holds a number that no run produced.
+source and wall time, so the page never holds a number that no run produced. Under each experiment
+the page adds its provenance (git commit, torch, device, threads, seeds), the paired comparisons of
+its variants against its baseline (computed from the per-seed values when the JSON predates that
+table) and the evaluation noise (binomial SE of an accuracy on the test split; the FD noise floor).
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ import shlex
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+from ..stats import PairedDifference, accuracy_se, check_sentence, paired_difference
+from .core import PAIRED_TABLE, PAIRINGS, paired_comparisons, seed_values
 
 EXPERIMENT_ORDER = ("race", "dit", "dynamic", "sequence", "vimoe-grid", "vimoe", "adapt", "zoo", "balance")
 
@@ -43,7 +49,8 @@ def check_output_folder(folder: str | Path, what: str) -> Path:
 
 #: the keys every record (a JSON file of ``run``) has, the optional ones, and their JSON types
 _RECORD_KEYS = {"name": str, "size": str, "tables": dict}
-_OPTIONAL_KEYS = {"config": dict, "notes": list, "wall_time_s": (int, float), "metrics": dict}
+_OPTIONAL_KEYS = {"config": dict, "notes": list, "wall_time_s": (int, float), "metrics": dict,
+                  "provenance": dict}
 
 
 def read_record(path: Path) -> Dict[str, Any]:
@@ -97,24 +104,155 @@ def command_for(record: Dict[str, Any]) -> str:
     return f"python -m moe_lite run {record['name']} --size {record['size']}{data}{seed_part}{variant_part}"
 
 
+def provenance_line(record: Dict[str, Any]) -> str:
+    """One line of where the numbers came from (the record's ``provenance``, see
+    :func:`moe_lite.experiments.core.provenance`), or that the run predates it."""
+    p = record.get("provenance")
+    if not p:
+        return "Provenance: not recorded (the run predates provenance in the JSON).\n"
+    commit = str(p.get("git_commit", "unknown"))
+    dirty = " with uncommitted changes" if p.get("git_dirty") else ""
+    seeds = " ".join(str(s) for s in p.get("seeds") or []) or "-"
+    return (f"Provenance: git {commit[:12]}{dirty}; torch {p.get('torch')}, Python {p.get('python')}; "
+            f"{p.get('device')} ({p.get('device_name')}), {p.get('threads')} threads; seeds {seeds}.\n")
+
+
+def record_paired_table(record: Dict[str, Any]) -> Optional[tuple]:
+    """(title, rows, note) of the record's paired comparisons: its own table, or one computed from
+    the per-seed values of its metrics (pairing by the config's seed order when the values carry
+    no seed ids, which the note says); None when there is none."""
+    for title, rows in (record.get("tables") or {}).items():
+        if title.startswith(PAIRED_TABLE):
+            return title, rows, None
+    metrics, seeds = record.get("metrics") or {}, (record.get("config") or {}).get("seeds") or []
+    title, rows = paired_comparisons(record["name"], metrics, seeds)
+    if not rows:
+        return None
+    note = ("Computed by the report from the per-seed values stored in the JSON"
+            + ("; they carry no seed ids, so seeds are paired in the config's seed order "
+               f"({' '.join(str(s) for s in seeds)})." if not _has_seed_ids(metrics) else "."))
+    return title, rows, note
+
+
+def _has_seed_ids(value: Any) -> bool:
+    """Whether any per-seed summary in ``value`` stores its seed ids."""
+    if isinstance(value, dict):
+        return ("values" in value and "seeds" in value) or any(_has_seed_ids(v) for v in value.values())
+    return False
+
+
+def _test_images(record: Dict[str, Any]) -> tuple:
+    """(test images, how it is known): the stored count, or derived from the size config and the
+    data source for records that did not store it."""
+    config = record.get("config") or {}
+    if isinstance(config.get("test_images"), int):
+        return config["test_images"], ""
+    classes = 5 if record["name"] == "adapt" else 10  # adapt tests on classes 5-9
+    per_class = (config.get("size") or {}).get("test_per_class")
+    if isinstance(per_class, int):
+        return per_class * classes, " (derived from the size config: not stored in this JSON)"
+    # the whole test split: 200 per class in the embedded subset (moe_lite.data), 1,000 in Fashion-MNIST
+    per_class = 200 if record.get("data_source") == "embedded subset" else 1000
+    return per_class * classes, " (the whole test split of the data source: not stored in this JSON)"
+
+
+def evaluation_noise(record: Dict[str, Any]) -> List[str]:
+    """Sentences on how noisy one evaluation is: the binomial standard error of the baseline's
+    accuracy on the test split (or of the DiT's conditional accuracy on its samples), and the FD
+    noise floor (real against real images at the same sample count) where the run stored it."""
+    pairing = PAIRINGS.get(record["name"])
+    metrics = record.get("metrics") or {}
+    if pairing is None:
+        return []
+    base = next((g[pairing.baseline] for g in pairing.groups(metrics).values() if pairing.baseline in g), None)
+    out = []
+    if "accuracy" in pairing.metrics and isinstance(base, dict) and isinstance(base.get("accuracy"), dict):
+        n, how = _test_images(record)
+        p = base["accuracy"]["mean"]
+        out.append(f"Evaluation noise: accuracies are measured on {n:,} test images{how}: the binomial "
+                   f"standard error of one accuracy is {100 * accuracy_se(p, n):.2f} points at the "
+                   f"baseline's {p:.3f}.")
+    if "fd_fmnist_classifier" in pairing.metrics:
+        samples = 10 * int(((record.get("config") or {}).get("size") or {}).get("samples_per_class") or 0)
+        if isinstance(base, dict) and isinstance(base.get("conditional_accuracy"), dict) and samples:
+            p = base["conditional_accuracy"]["mean"]
+            out.append(f"Evaluation noise: conditional accuracy is measured on {samples:,} generated images: "
+                       f"binomial standard error {100 * accuracy_se(p, samples):.2f} points at the baseline's "
+                       f"{p:.3f}.")
+        floor = metrics.get("real_fd_floor")
+        if isinstance(floor, dict) and floor.get("mean") is not None:
+            out.append(f"FD noise floor (real against real images, {floor.get('num_samples')} samples, "
+                       f"{floor.get('draws')} draws): {floor['mean']:.2f} ± {floor.get('std') or 0:.2f}.")
+        else:
+            out.append("FD noise floor: not stored in this run (runs now store it as metrics['real_fd_floor']).")
+    return out
+
+
 def section(record: Dict[str, Any], figures: Optional[Mapping[str, str]] = None) -> str:
-    """One experiment's markdown: heading, reproduction line, run facts, figures (name -> link),
-    tables, notes."""
+    """One experiment's markdown: heading, reproduction line, run facts, provenance, figures
+    (name -> link), tables, paired comparisons against the baseline, evaluation noise, notes."""
     out = [f"## {record['name']} ({record['size']})\n",
            f"`{command_for(record)}`\n",
            f"Device: {record.get('device')}; data: {record.get('data_source')}; "
-           f"wall time: {record.get('wall_time_s', 0):.0f} s.\n"]
+           f"wall time: {record.get('wall_time_s', 0):.0f} s.\n",
+           provenance_line(record)]
     for name, link in (figures or {}).items():
         out.append(f"![{record['name']}: {name}]({link})\n")
+    paired = record_paired_table(record)
     for title, table in (record.get("tables") or {}).items():
+        if paired is not None and title == paired[0]:
+            continue  # printed below, with the evaluation noise
         out.append(f"**{title}**\n")
         if isinstance(table, list):
             out.append(markdown_table(table))
         elif isinstance(table, dict):
             out.append(markdown_table([{"key": k, "value": v} for k, v in table.items()]))
+    if paired is not None:
+        title, rows, note = paired
+        out += [f"**{title}**\n", markdown_table(rows)]
+        if note:
+            out.append(f"_{note}_\n")
+    out += [f"{line}\n" for line in evaluation_noise(record)]
     for note in record.get("notes") or []:
         out.append(f"> {note}\n")
     return "\n".join(out)
+
+
+def record_comparison(record: Dict[str, Any], name_a: str, name_b: str, metric: str,
+                      group: str = "", confidence: float = 0.95) -> PairedDifference:
+    """A against B in a result record (the JSON of ``run``), paired by seed: the per-seed values of
+    ``metric`` (a key of a variant's entry, dotted for a nested one) of the variants ``name_a``
+    and ``name_b``, found where the experiment keeps its variants (``group``: the training-set
+    size for ``vimoe-grid``). Seed ids come from the values, else the config's seed order.
+    KeyError naming what is missing."""
+    pairing = PAIRINGS.get(record["name"])
+    if pairing is None:
+        raise KeyError(f"{record['name']}: no paired comparisons defined for this experiment")
+    metrics = record.get("metrics") or {}
+    groups = pairing.groups(metrics)
+    if group not in groups:
+        raise KeyError(f"{record['name']}: no group {group!r}; groups: {list(groups)}")
+    entries, seeds = groups[group], (record.get("config") or {}).get("seeds") or []
+    direction = pairing.metrics.get(metric)
+    if direction is None:
+        raise KeyError(f"{record['name']}: metric {metric!r} is not compared; compared: {list(pairing.metrics)}")
+    per_seed = []
+    for name in (name_a, name_b):
+        summary = entries.get(name)
+        for part in metric.split("."):
+            summary = summary.get(part) if isinstance(summary, dict) else None
+        if not isinstance(summary, dict) or "values" not in summary:
+            raise KeyError(f"{record['name']}: no per-seed {metric!r} for {name!r}")
+        per_seed.append(seed_values(summary, seeds))
+    return paired_difference(per_seed[0], per_seed[1], confidence, direction)
+
+
+def check_record_sentence(sentence: str, record: Dict[str, Any], name_a: str, name_b: str, metric: str,
+                          group: str = "") -> None:
+    """AssertionError unless ``sentence`` (on the page or in a notebook) states what the record's
+    per-seed numbers support for A against B on ``metric`` (:func:`moe_lite.stats.check_sentence`):
+    a claim the numbers stop supporting fails a test instead of drifting."""
+    check_sentence(sentence, name_a, name_b, record_comparison(record, name_a, name_b, metric, group), metric)
 
 
 def load_records(folder: str | Path) -> List[Dict[str, Any]]:

@@ -65,6 +65,8 @@ SIZES: Dict[str, SequenceSize] = {
     # count were near-perfect at every level; at 600 steps with 11, copy, reverse and count still
     # were (>= 0.97 at level 3). Fewer steps and longer rows keep the easy-to-hard gradient.
     "quick": SequenceSize(train=20_000, test=2_000, max_steps=400, batch_size=64, lr=3e-3, eval_every=200),
+    "gpu": SequenceSize(train=100_000, test=4_000, max_steps=4_000, batch_size=256, lr=1e-3, eval_every=1000,
+                        model={"dim": 128, "depth": 4, "heads": 4, "mlp_hidden": 256, "expert_hidden": 128}),
     "full": SequenceSize(train=200_000, test=4_000, max_steps=20_000, batch_size=256, lr=1e-3, eval_every=2000,
                          model={"dim": 128, "depth": 6, "heads": 4, "mlp_hidden": 256, "expert_hidden": 128}),
 }

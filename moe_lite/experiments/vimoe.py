@@ -8,18 +8,27 @@ import torch
 
 from ..data import CLASS_NAMES, denormalize
 from ..models.vit import ViT, ViTConfig, count_parameters, dense_equivalent, patch_experts, vimoe_config
-from .. import viz
-from .common import ClassifySize, routing_by_class, routing_table, seeded_build, train_classifier
-from .core import ExperimentResult, RunContext, Timer, format_mean_std, mean_std
+from .. import analysis, viz
+from ..layers import moe_layers
+from ..models.reference import REFERENCES, PixelClassifier
+from .common import QUICK_MODEL, ClassifySize, predict, routing_by_class, routing_table, seeded_build, train_classifier
+from .core import ExperimentResult, RunContext, Timer, add_paired_comparisons, format_mean_std, mean_std
 
 SIZES: Dict[str, ClassifySize] = {
     "smoke": ClassifySize(n_per_class=24, test_per_class=10, epochs=1, batch_size=60,
                           model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
-    # A fixed 300 steps (the same numbers on any machine; about 1.2 min per model measured with one
-    # thread per run, two runs at a time on a 2-core CPU). Without
-    # augmentation: at 400 steps, ViMoE reached 82.7% without it and 74.0% with it (seed 0).
-    "quick": ClassifySize(n_per_class=None, test_per_class=None, epochs=1, max_steps=300, eval_every=100,
-                          batch_size=128, lr=3e-3, augment=False),
+    # The recipe of docs/recipes.md (found by `scripts/sweep_vit.py` on one CPU thread): 16 tokens of
+    # 7x7 patches after a 3x3 conv stem, a class token, mirrors without shifts, label smoothing 0.1,
+    # a fixed 1200 steps (the same numbers on any machine). Seed 0: dense 86.5%, ViMoE 86.6%; seed 1:
+    # 84.4% and 85.1%; about 90-98 s of CPU time per model on one thread.
+    "quick": ClassifySize(n_per_class=None, test_per_class=None, epochs=1, max_steps=1200, eval_every=400,
+                          batch_size=128, lr=3e-3, augment=True, shift=0, label_smoothing=0.1,
+                          model=QUICK_MODEL),
+    # A free Colab GPU (T4, fp16): the quick recipe on a wider, deeper ViT for longer. Calibrated by
+    # FLOPs, not yet measured on a T4 (see `python -m moe_lite.flops`).
+    "gpu": ClassifySize(n_per_class=None, test_per_class=None, epochs=1, max_steps=4000, eval_every=1000,
+                        batch_size=256, lr=2e-3, augment=True, shift=0, label_smoothing=0.1,
+                        model={**QUICK_MODEL, "dim": 128, "depth": 6, "heads": 4, "mlp_hidden": 256}),
     "full": ClassifySize(n_per_class=None, test_per_class=None, epochs=40, batch_size=256, lr=1e-3,
                          model={"dim": 192, "depth": 6, "heads": 6, "mlp_hidden": 384, "dropout": 0.1}),
 }
@@ -39,7 +48,7 @@ DEFAULT_VARIANTS = ("dense", "vimoe")
 GRID_VARIANTS = ("dense", "vimoe", "vimoe-no-shared", "vimoe-every-2", "vimoe-every-2-no-shared", "vimoe-all",
                  "vimoe-all-no-shared")
 #: training-set sizes of the grid, images per class (None: the whole training split)
-GRID_TRAIN_SIZES = {"smoke": (8, None), "quick": (200, None), "full": (1000, None)}
+GRID_TRAIN_SIZES = {"smoke": (8, None), "quick": (200, None), "gpu": (1000, None), "full": (1000, None)}
 
 
 def vimoe_variant(name: str, base: ViTConfig, num_experts: int = 8, k: int = 2) -> ViTConfig:
@@ -59,12 +68,14 @@ def vimoe_variant(name: str, base: ViTConfig, num_experts: int = 8, k: int = 2) 
 def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
               data: str = "auto", progress: bool = True, variants: Sequence[str] = DEFAULT_VARIANTS,
               n_per_class: Optional[int] = None, ctx: Optional[RunContext] = None,
-              routing_views: bool = True) -> ExperimentResult:
+              routing_views: bool = True, references: bool = True) -> ExperimentResult:
     """Train each variant (default: the dense ViT and ViMoE with a shared expert, last-2 placement)
     for every seed; report accuracy (mean and spread over seeds), parameters, routing statistics,
     class x expert maps per MoE layer and test images with each patch coloured by its expert.
 
     ``n_per_class`` overrides the training-set size (images per class), for data-size studies.
+    ``references``: add a logistic regression and a one-hidden-layer MLP on the pixels to the table,
+    trained by the same trainer on the same data, so a reader sees where the ViTs stand.
     """
     ctx = ctx or RunContext.create(size, seeds, device, data, progress)
     spec = SIZES[ctx.size]
@@ -86,10 +97,11 @@ def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
                 accs.append(record.metrics["accuracy"])
                 runs.append(record)
             params = count_parameters(runs[0].model)
-            summary = mean_std(accs)
+            summary = mean_std(accs, seeds=ctx.seeds)
             per_variant[variant] = {"accuracy": summary, "params_total": params["total"],
                                     "params_active_per_token": params["active_per_token"],
-                                    "train_time_s": mean_std([r.metrics["train_time_s"] for r in runs]),
+                                    "train_time_s": mean_std([r.metrics["train_time_s"] for r in runs],
+                                                             seeds=ctx.seeds),
                                     "steps": runs[0].metrics["steps"], "routing": runs[0].metrics.get("routing")}
             rows.append({"variant": variant, "placement": config.moe_layers, "shared": config.num_shared,
                          "accuracy": round(summary["mean"], 4), "accuracy_std": round(summary["std"], 4),
@@ -99,11 +111,33 @@ def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
             result.models[variant] = runs[0].model
             result.figures[f"training curves: {variant}"] = viz.training_curves(runs[0].history)
         result.metrics["variants"] = per_variant
+        if references:
+            rows += _reference_rows(result, ctx, spec, train, test)
         result.tables["accuracy"] = rows
         if routing_views:
             _routing_views(result, test, ctx)
+    add_paired_comparisons(result)
     result.wall_time_s = timer.seconds
     return result
+
+
+def _reference_rows(result: ExperimentResult, ctx: RunContext, spec: ClassifySize, train, test) -> list:
+    """Train :data:`~moe_lite.models.reference.REFERENCES` for every seed (the run's steps and batch;
+    lr 1e-3, no augmentation, no label smoothing: what they were measured with in docs/recipes.md)."""
+    ref_spec = dataclasses.replace(spec, lr=1e-3, augment=False, label_smoothing=0.0, model={})
+    rows, metrics = [], {}
+    for name, hidden in REFERENCES.items():
+        runs = [train_classifier(name, seeded_build(seed, lambda: PixelClassifier(hidden)), ctx, ref_spec, seed,
+                                 train, test, experiment="vimoe") for seed in ctx.seeds]
+        summary = mean_std([r.metrics["accuracy"] for r in runs], seeds=ctx.seeds)
+        params = sum(p.numel() for p in runs[0].model.parameters())
+        metrics[name] = {"accuracy": summary, "params_total": params,
+                         "train_time_s": mean_std([r.metrics["train_time_s"] for r in runs], seeds=ctx.seeds)}
+        rows.append({"variant": name, "placement": "-", "shared": "-", "accuracy": round(summary["mean"], 4),
+                     "accuracy_std": round(summary["std"], 4), "seeds": summary["n"], "params": params,
+                     "active_params": params, "train_s": round(metrics[name]["train_time_s"]["mean"], 1)})
+    result.metrics["references"] = metrics
+    return rows
 
 
 def _routing_views(result: ExperimentResult, test, ctx: RunContext) -> None:
@@ -132,6 +166,37 @@ def _routing_views(result: ExperimentResult, test, ctx: RunContext) -> None:
         denormalize(test.x[first]), experts,
         patch_size=model.config.patch_size, num_experts=model.config.num_experts, ncols=5,
         labels=test.y[first], label_names=CLASS_NAMES)
+    _path_views(result, model, moe_name, test, ctx)
+
+
+def _path_views(result: ExperimentResult, model, moe_name: str, test, ctx: RunContext) -> None:
+    """Expert co-activation per MoE layer and the cross-layer expert paths of ``model`` over the
+    test set (:mod:`moe_lite.analysis`), with how predictable each layer's top expert is from the last."""
+    co: Dict[str, torch.Tensor] = {}
+    tokens: Dict[str, int] = {}
+    paths: Dict = {}
+
+    def collect(m, start: int) -> None:
+        routings = {n: layer.routing for n, layer in moe_layers(m) if layer.routing is not None}
+        for n, r in routings.items():
+            co[n] = co.get(n, 0) + analysis.coactivation(r, normalize=False).cpu()
+            tokens[n] = tokens.get(n, 0) + r.num_tokens
+        for pair, counts in analysis.layer_transitions(routings).items():
+            paths[pair] = paths.get(pair, 0) + counts.cpu()
+
+    predict(model, test, ctx.device, on_batch=collect)
+    for n, counts in co.items():
+        result.figures[f"expert co-activation: {n}"] = viz.coactivation_heatmap(
+            counts / max(tokens[n], 1),
+            title=f"{moe_name}, {n}: share of test tokens two experts serve together (diagonal = load)")
+    if paths:
+        predictability = {f"{a} -> {b}": analysis.transition_predictability(c) for (a, b), c in paths.items()}
+        result.metrics["cross_layer_predictability"] = predictability
+        result.tables[f"cross-layer expert predictability ({moe_name})"] = [
+            {"layers": k, **{m: round(v[m], 4) for m in ("top1_accuracy", "baseline_accuracy", "normalized_mi",
+                                                         "conditional_entropy")}} for k, v in predictability.items()]
+        result.figures["cross-layer expert paths"] = viz.expert_sankey(
+            paths, title=f"{moe_name}: each test token's top expert, layer to layer")
 
 
 def class_specialisation(fraction) -> float:
@@ -182,6 +247,7 @@ def run_vimoe_grid(size: Optional[str] = None, *, seeds: Optional[Sequence[int]]
             labels=[f"{v} ({cells[label]['train_images']})" for label in cells for v in variants],
             x_title="training images", y_title="test accuracy (mean over seeds)",
             title="ViMoE placement x shared expert, by training-set size")
+    add_paired_comparisons(result)
     result.wall_time_s = timer.seconds
     return result
 

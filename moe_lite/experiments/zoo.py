@@ -6,19 +6,26 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..models.vit import ViT, ViTConfig
 from .. import viz
-from .common import ClassifySize, StepStats, layer_mean, seeded_build, train_classifier
-from .core import ExperimentResult, RunContext, Timer, format_mean_std, mean_std
+from .common import QUICK_MODEL, ClassifySize, StepStats, layer_mean, seeded_build, train_classifier
+from .core import ExperimentResult, RunContext, Timer, add_paired_comparisons, format_mean_std, mean_std
 
 SIZES: Dict[str, ClassifySize] = {
     "smoke": ClassifySize(n_per_class=12, test_per_class=6, epochs=1, batch_size=40,
                           model={"dim": 32, "depth": 2, "heads": 2, "mlp_hidden": 64}),
-    "quick": ClassifySize(n_per_class=300, test_per_class=100, epochs=1, max_steps=120, eval_every=40, batch_size=100,
-                          lr=3e-3, augment=False),
+    # The ViMoE quick recipe (docs/recipes.md) on 3,000 images; 16 tokens make a step about 3x cheaper
+    # than the former 49, so 400 steps cost about what 120 did.
+    "quick": ClassifySize(n_per_class=300, test_per_class=100, epochs=1, max_steps=400, eval_every=200, batch_size=100,
+                          lr=3e-3, augment=True, shift=0, label_smoothing=0.1, model=QUICK_MODEL),
+    "gpu": ClassifySize(n_per_class=None, test_per_class=None, epochs=1, max_steps=2000, eval_every=500,
+                        batch_size=256, lr=2e-3, augment=True, shift=0, label_smoothing=0.1,
+                        model={**QUICK_MODEL, "dim": 128, "depth": 6, "heads": 4, "mlp_hidden": 256}),
     "full": ClassifySize(n_per_class=None, test_per_class=None, epochs=15, batch_size=256, lr=1e-3,
                          model={"dim": 128, "depth": 6, "heads": 4, "mlp_hidden": 256}),
 }
 
 LB = {"load_balance": 1e-2}
+#: the ZOO "router" name of Soft MoE (Puigcerver et al. 2023): ViTConfig(moe_type="soft"), no router.
+SOFT = "soft"
 #: name -> (router name, router kwargs, losses). Routers that balance by construction (hash, balanced
 #: assignment, expert choice) or without an aux loss (bias-balanced) get no balance loss.
 ZOO: Mapping[str, Tuple[str, Dict[str, Any], Dict[str, float]]] = {
@@ -33,7 +40,14 @@ ZOO: Mapping[str, Tuple[str, Dict[str, Any], Dict[str, float]]] = {
     "balanced assignment": ("balanced", {}, {}),
     "bias-balanced": ("bias_balanced", {"k": 2}, {}),
     "learned threshold": ("learned_threshold", {}, LB),
+    # not a router: every MoE block becomes a SoftMoE; kwargs go to the ViTConfig
+    "soft MoE (1 slot/expert)": (SOFT, {"slots_per_expert": 1}, {}),
 }
+
+SOFT_NOTE = ("soft MoE routes no token: each expert slot is a softmax mix of all the image's tokens, so it "
+             "drops nothing and needs no balance loss, but it is not causal (a token's output depends on every "
+             "token of its image; unusable for autoregressive decoding) and has no routing statistics; its "
+             "compute is slots/tokens expert forwards per token")
 
 #: name -> (router name, router kwargs, losses): balancing methods on top-2 routing.
 BALANCE: Mapping[str, Tuple[str, Dict[str, Any], Dict[str, float]]] = {
@@ -52,6 +66,13 @@ def backbone(size: str) -> ViTConfig:
                                **SIZES[size].model)
 
 
+def entry_config(base: ViTConfig, router: str, kwargs: Dict[str, Any], losses: Dict[str, float]) -> ViTConfig:
+    """The ViTConfig of one table entry: ``base`` with that router, or soft MoE blocks for :data:`SOFT`."""
+    if router == SOFT:
+        return dataclasses.replace(base, moe_type="soft", moe_losses=dict(losses), **kwargs)
+    return dataclasses.replace(base, router=router, router_kwargs=kwargs, moe_losses=losses)
+
+
 def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str, float]]],
              ctx: RunContext, which: Optional[Sequence[str]], description: str) -> ExperimentResult:
     spec = SIZES[ctx.size]
@@ -64,7 +85,7 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
     result = ExperimentResult(name, ctx.size, str(ctx.device), train_all.source,
                               config={"entries": {c: {"router": table[c][0], "kwargs": table[c][1],
                                                       "losses": table[c][2]} for c in chosen},
-                                      "seeds": ctx.seeds, "train_images": len(train),
+                                      "seeds": ctx.seeds, "train_images": len(train), "test_images": len(test),
                                       "size": dataclasses.asdict(spec)},
                               notes=[description])
     base = backbone(ctx.size)
@@ -75,7 +96,7 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
         rows, curves = [], {}
         for entry in chosen:
             router, kwargs, losses = table[entry]
-            config = dataclasses.replace(base, router=router, router_kwargs=kwargs, moe_losses=losses)
+            config = entry_config(base, router, kwargs, losses)
             accs, stats_runs = [], []
             for seed in ctx.seeds:
                 tracker = StepStats(every=every)
@@ -89,26 +110,39 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
                     result.models[entry] = record.model
             layer_stats = stats_runs[0]
             keys = ("experts_per_token", "load_cv", "max_vio", "dropped_fraction", "dead_experts",
-                    "combination_usage")
+                    "combination_usage", "router_entropy_norm")
             # mean over MoE layers per seed, then mean and std over seeds
             per_seed = [layer_mean(stats, keys) for stats in stats_runs]
-            routing_seeds = {k: mean_std([s[k] for s in per_seed]) for k in keys if all(k in s for s in per_seed)}
-            acc = mean_std(accs)
+            routing_seeds = {k: mean_std([s[k] for s in per_seed], seeds=ctx.seeds)
+                             for k in keys if all(k in s for s in per_seed)}
+            acc = mean_std(accs, seeds=ctx.seeds)
             result.metrics[entry] = {"accuracy": acc, "routing": layer_stats,
                                      "routing_mean": {k: v["mean"] for k, v in routing_seeds.items()},
                                      "routing_seeds": routing_seeds}
             rows.append({name if name != "zoo" else "router": entry, "accuracy": format_mean_std(acc, 4),
                          "seeds": acc["n"],
                          **{k: format_mean_std(v, 3) for k, v in routing_seeds.items()}})
+            if router == SOFT:
+                slots = config.num_experts * config.slots_per_expert
+                result.metrics[entry]["expert_forwards_per_token"] = slots / config.seq_len
+                rows[-1].update({"dropped_fraction": "0 (no dropping)", "note": "not causal; see notes"})
+                result.notes.append(SOFT_NOTE)
         result.tables["comparison (test set; routing statistics = mean over MoE layers)"] = rows
         result.metrics["curves"] = curves
         result.figures["balance during training"] = viz.stat_curves(
-            curves, x="step", keys=("load_cv", "max_vio", "combination_usage"))
+            curves, x="step", keys=("load_cv", "max_vio", "combination_usage", "router_entropy_norm"))
+        for entry in chosen:  # collapse and recovery, expert by expert (routed entries only)
+            load = viz.expert_load_heatmap(curves[entry], title=f"{entry}: expert load during training "
+                                           "(share of assignments; white = balanced 1/E)")
+            if load.data:
+                result.figures[f"expert load during training: {entry}"] = load
         result.figures["accuracy"] = viz.tradeoff_curve(
-            [result.metrics[c]["routing_mean"].get("experts_per_token", 0.0) for c in chosen],
+            [result.metrics[c]["routing_mean"].get(
+                "experts_per_token", result.metrics[c].get("expert_forwards_per_token", 0.0)) for c in chosen],
             [result.metrics[c]["accuracy"]["mean"] for c in chosen],
             labels=chosen, x_title="mean experts per token (compute)", y_title="test accuracy",
             title=f"{name}: accuracy against compute")
+    add_paired_comparisons(result)
     result.wall_time_s = timer.seconds
     return result
 
@@ -116,7 +150,8 @@ def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str,
 def run_zoo(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
             data: str = "auto", progress: bool = True, routers: Optional[Sequence[str]] = None,
             ctx: Optional[RunContext] = None) -> ExperimentResult:
-    """Every router of the kit on the same ViMoE backbone: accuracy, balance and compute."""
+    """Every router of the kit on the same ViMoE backbone: accuracy, balance and compute (and Soft MoE
+    blocks in place of the routed ones, a row without routing statistics)."""
     ctx = ctx or RunContext.create(size, seeds, device, data, progress)
     return _compare("zoo", ZOO, ctx, routers,
                     "Every router trained on the same ViMoE (8 experts, last 2 blocks) with the same budget.")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import losses as _losses
-from ..layers import FFN, MoE, moe_layers
+from ..layers import FFN, MoE, SoftMoE, moe_layers
 from ..routers import ROUTERS, LearnedThreshold, TopP, make_router
 
 __all__ = [
@@ -60,6 +60,9 @@ RouterSpec = Union[str, Callable[[], nn.Module]]
 #: by convention, the nominal number of active experts per token of a dynamic router (top-p,
 #: learned threshold): Huang et al. 2024 compare top-p against top-2 and report < 2 realised.
 DYNAMIC_NOMINAL_K = 2.0
+
+#: kinds of MoE block (``ViTConfig.moe_type``): a routed MoE, or a Soft MoE.
+MOE_TYPES = ("routed", "soft")
 
 #: patch-embedding stems (:class:`PatchEmbed`): a linear patch embedding, or a 3x3 conv before it.
 STEMS = ("patch", "conv")
@@ -98,7 +101,14 @@ class ViTConfig:
             ``"none"``, ``"all"``, ``"every-2"`` (every second block *ending with the last*: blocks
             1, 3, 5, ... for an even depth, 0, 2, 4 for depth 5), ``"last-n"`` (e.g. ``"last-2"``),
             or an explicit list of block indices in ``[0, depth)``.
-        num_experts: routed experts per MoE layer.
+        moe_type: ``"routed"`` (default: a :class:`~moe_lite.layers.MoE` with ``router``) or
+            ``"soft"``: a :class:`~moe_lite.layers.SoftMoE` (Puigcerver et al. 2023) with
+            ``num_experts`` experts of width ``expert_hidden`` and ``slots_per_expert`` slots each. A
+            soft block mixes all tokens of an image into each slot, so it drops no token but is not
+            causal (a token's output depends on every other token); it ignores ``router`` and has no
+            shared experts or auxiliary losses (``num_shared`` must be 0, ``moe_losses`` empty).
+        num_experts: experts per MoE layer.
+        slots_per_expert: slots per expert of a soft MoE block (unused by routed ones).
         expert_hidden: hidden width of each routed expert (default ``mlp_hidden``).
         router: a router name for :func:`moe_lite.routers.make_router` (with ``router_kwargs``), or a
             zero-argument factory returning a fresh router (e.g. ``lambda: TopK(2)``). Every MoE layer
@@ -126,10 +136,12 @@ class ViTConfig:
     pooling: str = "mean"
     activation: str = "gelu"
     stem: str = "patch"
-    stem_channels: int = 32
+    stem_channels: int = 8
     # MoE options
     moe_layers: Placement = "none"
+    moe_type: str = "routed"
     num_experts: int = 8
+    slots_per_expert: int = 1
     expert_hidden: Optional[int] = None
     router: RouterSpec = "topk"
     router_kwargs: Optional[Dict[str, Any]] = None
@@ -183,6 +195,16 @@ class ViTConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"ViTConfig.{name} must be None or a positive int, got {value!r}")
+        if self.moe_type not in MOE_TYPES:
+            raise ValueError(f"moe_type must be one of {MOE_TYPES}, got {self.moe_type!r}")
+        if not isinstance(self.slots_per_expert, int) or isinstance(self.slots_per_expert, bool) \
+                or self.slots_per_expert < 1:
+            raise ValueError(f"ViTConfig.slots_per_expert must be a positive int, got {self.slots_per_expert!r}")
+        if self.moe_type == "soft" and self.num_shared:
+            raise ValueError(f"moe_type='soft' has no shared experts: set num_shared=0 (got {self.num_shared})")
+        if self.moe_type == "soft" and self.moe_losses:
+            raise ValueError(f"moe_type='soft' has no auxiliary loss (nothing is routed): set moe_losses={{}} "
+                             f"(got {dict(self.moe_losses)})")
         if not isinstance(self.moe_losses, Mapping):
             raise ValueError(f"moe_losses must be a dict {{name: weight}}, got {type(self.moe_losses).__name__}")
         for name, weight in self.moe_losses.items():
@@ -331,7 +353,7 @@ class PatchEmbed(nn.Module):
     """
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int,
-                 stem: str = "patch", stem_channels: int = 32) -> None:
+                 stem: str = "patch", stem_channels: int = 8) -> None:
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
@@ -376,7 +398,8 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
 
-    ``mlp`` is a dense :class:`~moe_lite.layers.FFN` or, when ``is_moe``, a :class:`~moe_lite.layers.MoE`.
+    ``mlp`` is a dense :class:`~moe_lite.layers.FFN` or, when ``is_moe``, a :class:`~moe_lite.layers.MoE`
+    (or a :class:`~moe_lite.layers.SoftMoE` with ``moe_type="soft"``).
     ``forward(x [B, L, D]) -> [B, L, D]``.
     """
 
@@ -432,6 +455,8 @@ class ViT(nn.Module):
         c = self.config
         if index not in self.moe_block_indices:
             return FFN(c.dim, c.dense_hidden(index), activation=c.activation)
+        if c.moe_type == "soft":
+            return SoftMoE(c.dim, c.expert_width, c.num_experts, c.slots_per_expert, activation=c.activation)
         return MoE(
             c.dim,
             c.expert_width,
