@@ -114,7 +114,12 @@ def _check_real(value: Any, name: str, low: Optional[float] = None, high: Option
     if ok and high is not None:
         ok = value <= high
     if not ok:
-        where = "a finite number" if low is None and high is None else f"in {'(' if low_open else '['}{low}, {high}]"
+        if low is None and high is None:
+            where = "a finite number"
+        elif high is None:
+            where = f"a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            where = f"in {'(' if low_open else '['}{low}, {high}]"
         raise ValueError(f"{name} must be {where}, got {value!r}")
     return float(value)
 
@@ -1101,10 +1106,8 @@ class LearnedThreshold(Router):
 
 # ---- capacity for any router ------------------------------------------------------------------
 def _check_factor(value: Any, name: str) -> float:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    """A capacity factor: a finite number > 0."""
+    return _check_real(value, name, 0, low_open=True)
 
 
 def _float_order_key(x: Tensor) -> Tensor:

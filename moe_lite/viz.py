@@ -28,6 +28,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from .analysis import coactivation as _coactivation, load_over_training, top_expert, transition_predictability
 from .routing import Routing, load_cv, max_violation
 
 __all__ = [
@@ -354,11 +355,7 @@ def primary_expert(routing: Routing) -> Tensor:
     Handy input for :func:`patch_expert_overlay` when tokens are image patches.
     """
     routing = _require_routing(routing)
-    w = routing.dense_weight.detach().float()
-    mask = routing.mask
-    best = w.masked_fill(~mask, float("-inf")).argmax(-1)
-    best = torch.where(mask.any(-1), best, torch.full_like(best, -1))
-    return best.reshape(routing.batch_size, routing.seq_len)
+    return top_expert(routing).reshape(routing.batch_size, routing.seq_len)
 
 
 def _images_hw(images: Any, name: str = "images") -> np.ndarray:
@@ -874,8 +871,6 @@ def coactivation_heatmap(coactivation: Union[Routing, ArrayLike], title: Optiona
     Returns a figure with one ``Heatmap`` trace of shape ``[E, E]``; the diagonal is each expert's
     load (share of tokens it serves), drawn on the same scale.
     """
-    from .analysis import coactivation as _coactivation
-
     if isinstance(coactivation, Routing) or hasattr(coactivation, "mask"):
         coactivation = _coactivation(_require_routing(coactivation))
     z = _to_numpy(coactivation, "coactivation")
@@ -914,8 +909,6 @@ def expert_load_heatmap(records: Records, layers: Optional[Sequence[str]] = None
     ``1/E`` (white), so a collapse onto few experts shows as a red band and recovery as it fading.
     Without logged loads the figure has no trace and says so in its title.
     """
-    from .analysis import load_over_training
-
     series = load_over_training(_check_records(records, "records"), x=x)
     if layers is not None:
         missing = [n for n in layers if n not in series]
@@ -959,8 +952,6 @@ def expert_sankey(transitions: Union[Mapping[Tuple[str, str], ArrayLike], ArrayL
     (:func:`moe_lite.analysis.transition_predictability`: top-1 accuracy against always guessing
     the most frequent expert, and the normalised mutual information).
     """
-    from .analysis import transition_predictability
-
     if isinstance(transitions, Mapping):
         pairs = [((str(a), str(b)), _to_numpy(c, f"transitions[{(a, b)!r}]")) for (a, b), c in transitions.items()]
     else:
