@@ -352,3 +352,17 @@ def test_reference_classifiers():
     assert sum(p.numel() for p in PixelClassifier(256).parameters()) == 784 * 256 + 256 + 256 * 10 + 10
     with pytest.raises(ValueError, match="hidden"):
         PixelClassifier(0)
+
+
+def test_upcycled_variant_at_equal_total_steps(tmp_path):
+    """vimoe-upcycled: dense for half the steps, then upcycled and trained the other half; its control
+    is the same MoE from scratch for all the steps. Both end with the same step count."""
+    from moe_lite.experiments.core import RunContext
+    from moe_lite.experiments.vimoe import UPCYCLE_VARIANTS, run_vimoe
+
+    ctx = RunContext.create("smoke", [0], "cpu", "embedded", False, cache=tmp_path)
+    result = run_vimoe(ctx=ctx, variants=UPCYCLE_VARIANTS, routing_views=False, references=False)
+    up, scratch = (result.metrics["variants"][v] for v in UPCYCLE_VARIANTS)
+    assert up["steps"] == scratch["steps"] > 1
+    assert up["params_total"] == scratch["params_total"]
+    assert result.models["vimoe-upcycled"].config == result.models["vimoe-upcycled-scratch"].config

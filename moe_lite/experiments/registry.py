@@ -50,7 +50,7 @@ def _selectable() -> Dict[str, Tuple[str, Sequence[str]]]:
     from . import adapt, diffusion, sequence, vimoe, zoo
 
     vit_variants = ("dense", *vimoe.VARIANTS)
-    return {"vimoe": ("variants", vit_variants), "vimoe-grid": ("variants", vit_variants),
+    return {"vimoe": ("variants", vit_variants + vimoe.UPCYCLE_VARIANTS), "vimoe-grid": ("variants", vit_variants),
             "dit": ("variants", tuple(diffusion.VARIANTS)), "race": ("variants", tuple(diffusion.VARIANTS)),
             "zoo": ("routers", tuple(zoo.ZOO)), "balance": ("methods", tuple(zoo.BALANCE)),
             "adapt": ("methods", tuple(adapt.METHODS)), "sequence": ("variants", tuple(sequence.VARIANTS))}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -11,6 +12,7 @@ from ..models.vit import ViT, ViTConfig, count_parameters, dense_equivalent, pat
 from .. import analysis, viz
 from ..layers import moe_layers
 from ..models.reference import REFERENCES, PixelClassifier
+from ..upcycle import upcycle, upcycled_config
 from .common import QUICK_MODEL, ClassifySize, predict, routing_by_class, routing_table, seeded_build, train_classifier
 from .core import ExperimentResult, RunContext, Timer, add_paired_comparisons, format_mean_std, mean_std
 
@@ -47,6 +49,12 @@ DEFAULT_VARIANTS = ("dense", "vimoe")
 #: the placement x shared-expert grid (``python -m moe_lite run vimoe-grid``)
 GRID_VARIANTS = ("dense", "vimoe", "vimoe-no-shared", "vimoe-every-2", "vimoe-every-2-no-shared", "vimoe-all",
                  "vimoe-all-no-shared")
+#: Sparse upcycling (Komatsuzaki et al. 2022) at equal total steps: "vimoe-upcycled" trains the plain
+#: dense ViT for half the steps, turns its last two FFNs into MoE layers whose experts start as copies
+#: (top-2 renormalised, one shared expert), and trains the other half; "vimoe-upcycled-scratch" is
+#: the same MoE trained from scratch for all the steps (the control).
+UPCYCLE_VARIANTS = ("vimoe-upcycled", "vimoe-upcycled-scratch")
+UPCYCLE_KWARGS = {"num_experts": 8, "placement": "last-2", "num_shared": 1}
 #: training-set sizes of the grid, images per class (None: the whole training split)
 GRID_TRAIN_SIZES = {"smoke": (8, None), "quick": (200, None), "gpu": (1000, None), "full": (1000, None)}
 
@@ -89,11 +97,15 @@ def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
     with Timer() as timer:
         rows, per_variant = [], {}
         for variant in variants:
-            config = vimoe_variant(variant, base)
+            upcycling = variant in UPCYCLE_VARIANTS
+            config = upcycled_config(base, **UPCYCLE_KWARGS) if upcycling else vimoe_variant(variant, base)
             accs, runs = [], []
             for seed in ctx.seeds:
-                model = seeded_build(seed, lambda: ViT(config))
-                record = train_classifier(variant, model, ctx, spec, seed, train, test, experiment="vimoe")
+                if variant == "vimoe-upcycled":
+                    record = _train_upcycled(ctx, spec, seed, base, train, test)
+                else:
+                    model = seeded_build(seed, lambda: ViT(config))
+                    record = train_classifier(variant, model, ctx, spec, seed, train, test, experiment="vimoe")
                 accs.append(record.metrics["accuracy"])
                 runs.append(record)
             params = count_parameters(runs[0].model)
@@ -119,6 +131,26 @@ def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
     add_paired_comparisons(result)
     result.wall_time_s = timer.seconds
     return result
+
+
+def _train_upcycled(ctx: RunContext, spec: ClassifySize, seed: int, base: ViTConfig, train, test):
+    """``"vimoe-upcycled"`` for one seed: the dense ``base`` ViT for the first half of the steps, then
+    :func:`~moe_lite.upcycle.upcycle` and the second half (fresh optimizer, its own warm-up and decay).
+    Sizes that train by epochs count their steps from the training set. Returns the MoE's record, its
+    ``steps`` the total of both halves."""
+    total = spec.max_steps or spec.epochs * math.ceil(len(train) / spec.batch_size)
+    half = dataclasses.replace(spec, epochs=1, max_steps=max(1, total // 2), eval_every=None)
+    dense = seeded_build(seed, lambda: ViT(base))
+    first = train_classifier("upcycle base (dense, first half)", dense, ctx, half, seed, train, test,
+                             experiment="vimoe")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the new gates' initial weights depend on the seed alone
+        model = upcycle(dense, **UPCYCLE_KWARGS)
+    record = train_classifier("vimoe-upcycled", model, ctx, half, seed, train, test, experiment="vimoe",
+                              key=("upcycled from the dense first half",))
+    record.metrics["steps"] += first.metrics["steps"]
+    record.metrics["train_time_s"] += first.metrics["train_time_s"]
+    return record
 
 
 def _reference_rows(result: ExperimentResult, ctx: RunContext, spec: ClassifySize, train, test) -> list:
