@@ -60,25 +60,30 @@ __all__ = [
 STATIC_ENV = "MOE_LITE_STATIC_FIGURES"
 MODES = ("widget", "static")
 
-#: Routers the :class:`RouterExplorer` offers, and the sliders each one reads.
+#: Routers the :class:`RouterExplorer` offers, and the sliders each one reads. ``capacity_factor``
+#: applies to every router: Switch takes it itself, any other router is wrapped in
+#: ``moe_lite.routers.Capacity`` (0 = no capacity limit). ``groups`` / ``top_groups``: group-limited
+#: routing (DeepSeek-V3), for the routers whose constructor takes them.
 ROUTER_KNOBS: Mapping[str, tuple] = MappingProxyType({
-    "topk": ("k",),
+    "topk": ("k", "groups", "top_groups", "capacity_factor"),
     "switch": ("capacity_factor",),
-    "expert_choice": ("k",),
-    "topp": ("p",),
-    "race": ("k", "threshold"),
-    "hash": (),
-    "balanced": (),
-    "bias_balanced": ("k",),
+    "expert_choice": ("k", "capacity_factor"),
+    "topp": ("p", "capacity_factor"),
+    "race": ("k", "threshold", "capacity_factor"),
+    "hash": ("capacity_factor",),
+    "balanced": ("capacity_factor",),
+    "bias_balanced": ("k", "groups", "top_groups", "capacity_factor"),
 })
 ROUTER_NAMES = tuple(ROUTER_KNOBS)
 #: Knobs a router reads in one phase only: Race trains on its batch top-K (k) and evaluates
 #: against a fixed threshold (threshold), so in each phase the other slider would do nothing.
 _PHASE_KNOBS: Mapping[str, Mapping[str, tuple]] = MappingProxyType({
-    "race": MappingProxyType({"train": ("k",), "eval": ("threshold",)}),
+    "race": MappingProxyType({"train": ("k", "capacity_factor"), "eval": ("threshold", "capacity_factor")}),
 })
 #: Routers whose constructor needs the number of experts.
 _NEEDS_NUM_EXPERTS = frozenset({"hash", "bias_balanced"})
+#: Knobs the explorer applies itself, not passed to the router's constructor as they are.
+_EXPLORER_KNOBS = frozenset({"threshold", "capacity_factor", "groups", "top_groups"})
 
 
 def applicable_knobs(router: str, phase: str) -> tuple:
@@ -230,18 +235,20 @@ class LiveFigure:
         self.updates += 1
 
     def _draw(self) -> None:
-        """Redraw the static figure into the Output.
+        """Redraw the static figure into the Output by replacing its ``outputs`` (one state update,
+        no blank flash).
 
-        In a kernel: ``clear_output(wait=True)`` + ``display`` inside the Output (no blank flash).
-        Headless (scripts, tests): the Output's ``outputs`` are replaced by the figure's plotly
-        mime bundle, so the redraw can be checked without a front end.
+        In a kernel: the figure's mime bundle as the current plotly renderer makes it (its
+        ``_repr_mimebundle_``: IPython's display would call plotly's ``_ipython_display_``, which
+        shows the figure at once). Not ``with output: display(...)``: ipywidgets 7 (Colab's) leaves
+        routing those messages into the Output to the front end, so a kernel without one (nbval, a
+        script driving the notebook) gets the figure in whichever cell moved the slider. Headless
+        (scripts, tests): the figure's plotly mime bundle, so the redraw can be checked without a
+        front end.
         """
         if _in_kernel():
-            from IPython.display import clear_output, display
-
-            with self.output:
-                clear_output(wait=True)
-                display(self.figure)
+            bundle = self.figure._repr_mimebundle_()
+            self.output.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
         else:
             bundle = {
                 "application/vnd.plotly.v1+json": json.loads(self.figure.to_json()),
@@ -404,13 +411,23 @@ class Explorer:
         unknown = sorted(set(values) - set(self.controls))
         if unknown:
             raise ValueError(f"unknown control(s) {unknown}; controls: {sorted(self.controls)}")
-        checked = {name: _coerce(name, self.controls[name], v) for name, v in values.items()}
+        before = self.values
         with self.hold():
-            for name, v in checked.items():
-                self.controls[name].value = v
+            try:
+                self._assign(values)
+            except ValueError:  # put back what was already assigned; the hold then recomputes once
+                for name, v in before.items():
+                    self.controls[name].value = v
+                raise
         if "error" in self.last_result:
             raise RuntimeError(f"callback failed for {self.values}: {self.last_result['error']}") from self.last_error
         return self.last_result
+
+    def _assign(self, values: Mapping[str, Any]) -> None:
+        """Check every value against its control, then assign them (inside :meth:`set`'s hold)."""
+        checked = {name: _coerce(name, self.controls[name], v) for name, v in values.items()}
+        for name, v in checked.items():
+            self.controls[name].value = v
 
     def reset(self) -> None:
         """Put every control back to its value when the explorer was built; recompute only if one moved.
@@ -445,7 +462,8 @@ def _describe_routing(result: Mapping[str, Any]) -> str:
             f"{result['experts_per_token']:.2f} experts/token &middot; "
             f"dropped {result['dropped_fraction']:.1%} &middot; load CV {result['load_cv']:.2f} &middot; "
             f"MaxVio {result['max_vio']:.2f} &middot; dead experts {result['dead_experts']:.0f} &middot; "
-            f"combination usage {result['combination_usage']:.0f}%")
+            f"combination usage {result['combination_usage']:.0f}%"
+            + (f" &middot; groups/token {result['groups_per_token']:.2f}" if "groups_per_token" in result else ""))
 
 
 def _set_eval_threshold(router: Any, value: float) -> None:
@@ -463,25 +481,36 @@ class RouterExplorer(Explorer):
         logits: float ``[B, L, E]``, e.g. a trained gate's output on a cached batch.
         x: optional ``[B, L, D]`` layer input, passed to routers that use it.
         routers: router names to offer (default :data:`ROUTER_NAMES`).
-        router: initial router; k, p, capacity_factor: initial slider values.
+        router: initial router; k, p, capacity_factor, groups, top_groups: initial control values
+            (``capacity_factor=0``: no capacity limit; ``groups=1``: no group limit).
         max_tokens: rows shown in the heatmap.
         mode: display mode, see :func:`resolve_mode`.
         make_router: router factory ``(name, **kwargs) -> Router`` (default
             ``moe_lite.routers.make_router``, imported on first use).
 
     Controls: ``router`` (dropdown), ``phase`` (``"train"``/``"eval"``), ``k``, ``p``,
-    ``capacity_factor``, ``threshold`` and ``sample``. Each router reads only its own sliders in the
-    chosen phase (:func:`applicable_knobs`; the others are disabled). Routers are built fresh on
-    every change with ``moe_lite.routers.make_router`` and put in the chosen phase. ``race`` in ``"train"`` picks the
-    batch-level top ``K = round(B*L*k)`` (so it needs no history); in ``"eval"`` its threshold is
-    the ``threshold`` slider. Figures: ``"assignment"`` (token x expert weights of one sample) and
-    ``"load"`` (tokens per expert). ``last_result`` holds the router, phase, params,
-    every :func:`~moe_lite.routing.routing_summary` entry and ``tokens_per_expert`` (list).
+    ``capacity_factor``, ``groups``, ``top_groups``, ``threshold`` and ``sample``. Each router reads
+    only its own controls in the chosen phase (:func:`applicable_knobs`; the others are disabled).
+    Routers are built fresh on every change with ``moe_lite.routers.make_router`` and put in the
+    chosen phase. ``race`` in ``"train"`` picks the batch-level top ``K = round(B*L*k)`` (so it
+    needs no history); in ``"eval"`` its threshold is the ``threshold`` slider.
+
+    ``capacity_factor`` (0 = off) caps every router: Switch takes it as its own factor (at 0 it
+    gets ``E``, so no token can be dropped), any other router is wrapped in
+    ``moe_lite.routers.Capacity(router, capacity_factor)``. ``groups`` offers only the divisors
+    of E (1 = no limit); ``top_groups`` is kept within ``[ceil(k / (E / groups)), groups]`` as
+    ``k`` and ``groups`` move, so the kept groups always hold at least k experts.
+
+    Figures: ``"assignment"`` (token x expert weights of one sample) and ``"load"`` (tokens per
+    expert). ``last_result`` holds the router, phase, params (the knobs in use), every
+    :func:`~moe_lite.routing.routing_summary` entry, ``tokens_per_expert`` (list), and with a
+    group-limited router and ``groups > 1`` ``groups_per_token`` (mean distinct groups per token,
+    :func:`~moe_lite.routing.groups_per_token`).
     """
 
     def __init__(self, logits: Tensor, x: Optional[Tensor] = None, routers: Sequence[str] = ROUTER_NAMES,
-                 router: Optional[str] = None, k: int = 2, p: float = 0.5, capacity_factor: float = 1.0,
-                 phase: str = "train", max_tokens: Optional[int] = 64, mode: Optional[str] = None,
+                 router: Optional[str] = None, k: int = 2, p: float = 0.5, capacity_factor: float = 0.0,
+                 groups: int = 1, top_groups: int = 1, phase: str = "train", max_tokens: Optional[int] = 64, mode: Optional[str] = None,
                  title: Optional[str] = "Router explorer",
                  make_router: Optional[Callable[..., Any]] = None) -> None:
         _require_ipywidgets()
@@ -504,41 +533,92 @@ class RouterExplorer(Explorer):
         b, _, e = logits.shape
         lo, hi = float(self.logits.min()), float(self.logits.max())
         flat = self.logits.reshape(-1).sort(descending=True).values
+        divisors = [g for g in range(1, e + 1) if e % g == 0]
+        if groups not in divisors:
+            raise ValueError(f"groups={groups!r} must divide the E={e} experts; choose from {divisors}")
+        k = int(min(max(k, 1), e))
+        lowest = -(-k * groups // e)  # ceil(k / (E / groups)): fewer kept groups hold < k experts
+        if not (isinstance(top_groups, int) and lowest <= top_groups <= groups):
+            raise ValueError(f"top_groups={top_groups!r} must be in [{lowest}, {groups}] for groups={groups}, "
+                             f"k={k}, E={e} (the kept groups must hold at least k experts)")
         default_thr = float(flat[min(flat.numel() - 1, max(0, round(flat.numel() * min(k, e) / e) - 1))])
         step = max((hi - lo) / 200, 1e-6)
         style = {"description_width": "initial"}
         controls = {
             "router": widgets.Dropdown(options=list(routers), value=router or routers[0], description="router"),
             "phase": widgets.ToggleButtons(options=["train", "eval"], value=phase, description="phase"),
-            "k": widgets.IntSlider(value=int(min(max(k, 1), e)), min=1, max=e, description="k", style=style),
+            "k": widgets.IntSlider(value=k, min=1, max=e, description="k", style=style),
             "p": widgets.FloatSlider(value=p, min=0.05, max=1.0, step=0.05, description="top-p", style=style),
-            "capacity_factor": widgets.FloatSlider(value=capacity_factor, min=0.25, max=4.0, step=0.25,
-                                                   description="capacity factor", style=style),
+            "capacity_factor": widgets.FloatSlider(value=capacity_factor, min=0.0, max=4.0, step=0.25,
+                                                   description="capacity factor (0 = off)", style=style),
+            "groups": widgets.Dropdown(options=[("1 (no limit)" if g == 1 else str(g), g) for g in divisors],
+                                       value=groups, description="groups", style=style),
+            "top_groups": widgets.IntSlider(value=top_groups, min=lowest, max=groups, description="top groups",
+                                            style=style),
             "threshold": widgets.FloatSlider(value=min(max(default_thr, lo), hi), min=lo, max=hi, step=step,
                                              readout_format=".3f", description="eval threshold", style=style),
             "sample": widgets.IntSlider(value=0, min=0, max=b - 1, description="sample", disabled=b == 1),
         }
+        # before the explorer's own observers, so top_groups is in range when the router is rebuilt
+        for name in ("k", "groups"):
+            controls[name].observe(lambda change: self._fit_top_groups(controls), names="value")
         super().__init__(controls, self._route,
                          figures={"assignment": self._assignment_figure,
                                   "load": lambda r: viz.tokens_per_expert_bar(self.routing)},
                          readout=_describe_routing, mode=mode, title=title)
         self._grey_out()
 
+    def _fit_top_groups(self, controls: Mapping[str, Any]) -> None:
+        """Keep top_groups within ``[ceil(k / (E / groups)), groups]``: only valid pairs can be picked."""
+        e = self.logits.shape[-1]
+        groups, top = controls["groups"].value, controls["top_groups"]
+        top.min = 1  # widen first: min may never exceed max on the way (out-of-range values clamp)
+        top.max = groups
+        top.min = -(-controls["k"].value * groups // e)
+
+    def _assign(self, values: Mapping[str, Any]) -> None:
+        """k and groups first: they set the range a new top_groups is checked against."""
+        first = {name: values[name] for name in ("k", "groups") if name in values}
+        super()._assign(first)
+        super()._assign({name: v for name, v in values.items() if name not in first})
+
+    def _knobs_in_use(self, router: str, phase: str, values: Mapping[str, Any]) -> Dict[str, Any]:
+        """The knob values the routing used: applicable ones, less capacity 0 and groups 1 (off)."""
+        used = {knob: values[knob] for knob in applicable_knobs(router, phase)}
+        if used.get("capacity_factor") == 0:
+            del used["capacity_factor"]
+        if used.get("groups") == 1:
+            del used["groups"], used["top_groups"]
+        return used
+
     def _grey_out(self, change: Any = None) -> None:
-        """Disable the sliders the selected router does not read in the selected phase."""
+        """Disable the controls the selected router does not read in the selected phase."""
         knobs = applicable_knobs(self.controls["router"].value, self.controls["phase"].value)
-        for name in ("k", "p", "capacity_factor", "threshold"):
+        for name in ("k", "p", "capacity_factor", "groups", "top_groups", "threshold"):
             self.controls[name].disabled = name not in knobs
+        if self.controls["groups"].value == 1:  # one group: nothing to keep or drop
+            self.controls["top_groups"].disabled = True
 
     def router_kwargs(self, name: str, **values: Any) -> Dict[str, Any]:
-        """Constructor keyword arguments of router ``name`` given the slider ``values``."""
-        kw = {knob: values[knob] for knob in ROUTER_KNOBS[name] if knob != "threshold"}
+        """Constructor keyword arguments of router ``name`` given the control ``values``.
+
+        Switch gets ``capacity_factor`` (0 = off: ``E``, where no token can be dropped); the other
+        routers get it through :meth:`build_router`'s ``Capacity`` wrapper. ``groups`` / ``top_groups``
+        are passed only when ``groups > 1``, so ``groups=1`` builds exactly the unlimited router.
+        """
+        e = self.logits.shape[-1]
+        kw = {knob: values[knob] for knob in ROUTER_KNOBS[name] if knob not in _EXPLORER_KNOBS}
+        if name == "switch":
+            kw["capacity_factor"] = values["capacity_factor"] or float(e)
+        if "groups" in ROUTER_KNOBS[name] and values["groups"] > 1:
+            kw.update(groups=values["groups"], top_groups=values["top_groups"])
         if name in _NEEDS_NUM_EXPERTS:
-            kw["num_experts"] = self.logits.shape[-1]
+            kw["num_experts"] = e
         return kw
 
     def build_router(self, name: str, phase: str, **values: Any) -> Any:
-        """A fresh router ``name`` in ``phase``; Race in eval gets the threshold slider's value."""
+        """A fresh router ``name`` in ``phase``; Race in eval gets the threshold slider's value;
+        with ``capacity_factor > 0`` any router but Switch comes wrapped in ``Capacity``."""
         factory = self.make_router
         if factory is None:
             from .routers import make_router as factory  # lazy: this module imports without routers.py
@@ -547,6 +627,10 @@ class RouterExplorer(Explorer):
         router.train(phase == "train")
         if name == "race" and phase == "eval":
             _set_eval_threshold(router, float(values["threshold"]))
+        if name != "switch" and values.get("capacity_factor", 0) > 0:
+            from .routers import Capacity
+
+            router = Capacity(router, float(values["capacity_factor"])).train(phase == "train")
         return router
 
     def _route(self, router: str, phase: str, sample: int, **values: Any) -> Dict[str, Any]:
@@ -556,9 +640,14 @@ class RouterExplorer(Explorer):
         routing = module(self.logits, **kwargs)
         self.routing = routing
         self._grey_out()
-        params = {knob: values[knob] for knob in applicable_knobs(router, phase)}  # what the routing used
+        params = self._knobs_in_use(router, phase, values)  # what the routing used
         if "threshold" in params:
             params["threshold"] = float(params["threshold"])
+        extra = {}
+        if "groups" in params:
+            from .routing import groups_per_token
+
+            extra["groups_per_token"] = float(groups_per_token(routing, params["groups"]).float().mean())
         return {
             "router": router,
             "phase": phase,
@@ -567,6 +656,7 @@ class RouterExplorer(Explorer):
             **routing_summary(routing),
             "tokens_per_expert": [int(t) for t in routing.tokens_per_expert],
             "num_assignments": routing.num_assignments,
+            **extra,
         }
 
     def _assignment_figure(self, result: Mapping[str, Any]) -> go.Figure:

@@ -1,6 +1,7 @@
 """moe_lite.widgets: both display modes, callbacks driven from code, in-place updates and the static fallback."""
 import importlib
 import json
+import math
 import sys
 import types
 
@@ -187,7 +188,7 @@ def test_router_explorer_mechanics(logits, mode):
         assert len(ex.figures["assignment"].output.outputs) == 1 and ex.figures["load"].updates == 1
     ex.set(sample=1)
     assert "sample 1" in ex.figure.layout.title.text
-    ex.set(router="switch")
+    ex.set(router="switch", capacity_factor=1.0)
     assert ex.controls["k"].disabled and not ex.controls["capacity_factor"].disabled
     assert ex.last_result["params"] == {"capacity_factor": 1.0}
     assert "switch" in ex.status.value
@@ -232,10 +233,113 @@ def test_router_explorer_real_routers(logits):
     assert 1.0 <= spent[0] <= spent[1] <= spent[2] <= 4.0 and spent[2] > 1.0  # more mass, more experts
     ex.set(router="switch", capacity_factor=0.25)
     assert ex.last_result["dropped_fraction"] > 0
-    ex.set(router="race", phase="eval", threshold=ex.controls["threshold"].max)
+    ex.set(router="race", phase="eval", threshold=ex.controls["threshold"].max, capacity_factor=0.0)
     few = ex.last_result["num_assignments"]
     ex.set(threshold=ex.controls["threshold"].min)
     assert ex.last_result["num_assignments"] == logits.numel() > few
+
+
+def _kwargs_factory(built):
+    """A factory that records the constructor kwargs and builds a TinyTopK."""
+    def factory(name, **kw):
+        built.append((name, kw))
+        return TinyTopK(kw.get("k", 1))
+
+    return factory
+
+
+def test_router_explorer_group_knobs_offer_only_valid_pairs(logits):
+    built = []
+    ex = W.RouterExplorer(logits, routers=("topk", "topp"), k=2, mode="static", make_router=_kwargs_factory(built))
+    assert W._option_values(ex.controls["groups"]) == [1, 2, 4]  # divisors of E=4 only
+    assert built[-1] == ("topk", {"k": 2}) and ex.controls["top_groups"].disabled  # groups=1: no limit
+    with pytest.raises(ValueError, match="options"):
+        ex.set(groups=3)
+    ex.set(groups=4, top_groups=2)  # one call: groups moves first, then top_groups is checked
+    assert built[-1] == ("topk", {"k": 2, "groups": 4, "top_groups": 2})
+    assert not ex.controls["top_groups"].disabled and ex.last_result["params"]["top_groups"] == 2
+    assert "groups/token" in ex.status.value and 1 <= ex.last_result["groups_per_token"] <= 2
+    # k=2 with one expert per group needs 2 kept groups: top_groups=1 cannot be picked
+    assert ex.controls["top_groups"].min == 2
+    with pytest.raises(ValueError, match="slider range"):
+        ex.set(top_groups=1)
+    ex.set(k=4)  # now all four groups are needed: top_groups follows
+    assert ex.values["top_groups"] == 4 and built[-1][1]["top_groups"] == 4
+    ex.set(k=1, groups=2)
+    assert (ex.controls["top_groups"].min, ex.controls["top_groups"].max) == (1, 2)
+    assert ex.values["top_groups"] == 2
+    with pytest.raises(ValueError, match="slider range"):
+        ex.set(top_groups=3)
+    ex.set(router="topp")  # TopP takes no groups: disabled, and not passed
+    assert ex.controls["groups"].disabled and ex.controls["top_groups"].disabled
+    assert "groups" not in built[-1][1] and "groups_per_token" not in ex.last_result
+    with pytest.raises(ValueError, match="top_groups"):
+        W.RouterExplorer(logits, k=3, groups=4, top_groups=2, mode="static", make_router=tiny_factory)
+    with pytest.raises(ValueError, match="divide"):
+        W.RouterExplorer(logits, groups=3, top_groups=1, mode="static", make_router=tiny_factory)
+
+
+def test_router_explorer_failed_set_puts_every_control_back(logits):
+    ex = W.RouterExplorer(logits, routers=("topk",), mode="static", make_router=tiny_factory)
+    start = ex.values
+    with pytest.raises(ValueError, match="slider range"):
+        ex.set(groups=2, top_groups=3)
+    assert ex.values == start and ex.last_result["params"] == {"k": 2}
+
+
+@needs_routers
+def test_router_explorer_group_limit_caps_cross_group_traffic():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 16, 8)
+    ex = W.RouterExplorer(logits, router="topk", k=2, groups=4, top_groups=4, mode="static")
+    free = ex.last_result
+    load0 = list(ex.figures["load"].figure.data[0].y)
+    limited = ex.set(top_groups=1)
+    assert limited["groups_per_token"] == 1.0 < free["groups_per_token"]  # 2 experts, one group
+    assert limited["experts_per_token"] == 2.0
+    assert ex.routing.info["groups"] == 4 and ex.routing.info["top_groups"] == 1
+    assert list(ex.figures["load"].figure.data[0].y) != load0  # the load figure follows
+    pairs = ex.routing.expert.reshape(-1, 2) // 2
+    assert (pairs[:, 0] == pairs[:, 1]).all()  # each token's two experts share a group
+    bias = ex.set(router="bias_balanced")
+    assert bias["groups_per_token"] == 1.0 and ex.routing.info["top_groups"] == 1
+
+
+def _knobs(ex):
+    """The explorer's knob values (what build_router takes besides the router and phase)."""
+    return {k: v for k, v in ex.values.items() if k not in ("router", "phase", "sample")}
+
+
+@needs_routers
+@pytest.mark.parametrize("name", [n for n in W.ROUTER_NAMES if n != "switch"])
+def test_router_explorer_capacity_wraps_any_router(logits, name):
+    from moe_lite.routers import Capacity
+
+    ex = W.RouterExplorer(logits, router=name, mode="static")
+    assert not ex.controls["capacity_factor"].disabled
+    assert not isinstance(ex.build_router(name, "train", **{**_knobs(ex), "capacity_factor": 0.0}), Capacity)
+    before = ex.last_result["num_assignments"]
+    result = ex.set(capacity_factor=0.25)
+    assert isinstance(ex.build_router(name, "train", **_knobs(ex)), Capacity)
+    assert result["params"]["capacity_factor"] == 0.25
+    info = ex.routing.info
+    assert info["capacity"] == math.ceil(0.25 * before / 4)
+    assert int(info["dropped"]) == before - result["num_assignments"]
+    assert max(result["tokens_per_expert"]) <= info["capacity"]
+    ex.set(phase="eval")
+    assert "error" not in ex.last_result and ex.routing.info["capacity_factor"] == 0.25
+
+
+@needs_routers
+def test_router_explorer_capacity_off_means_no_limit(logits):
+    ex = W.RouterExplorer(logits, router="switch", mode="static")
+    assert ex.last_result["dropped_fraction"] == 0.0 and "capacity_factor" not in ex.last_result["params"]
+    assert ex.build_router("switch", "train", **_knobs(ex)).capacity_factor == 4.0  # E: nothing can drop
+    load0 = list(ex.figures["load"].figure.data[0].y)
+    ex.set(capacity_factor=0.25)
+    assert ex.last_result["dropped_fraction"] > 0 and list(ex.figures["load"].figure.data[0].y) != load0
+    ex.set(router="topk", capacity_factor=0.0)
+    assert ex.last_result["dropped_fraction"] == 0.0 and ex.last_result["experts_per_token"] == 2.0
 
 
 # ---- ThresholdExplorer --------------------------------------------------------------------------
@@ -309,9 +413,9 @@ def test_router_explorer_disables_knobs_the_router_and_phase_ignore(logits):
     assert not ex.controls["k"].disabled and ex.controls["threshold"].disabled  # train: batch top-K
     ex.set(phase="eval")  # eval: a fixed threshold, k is not read
     assert ex.controls["k"].disabled and not ex.controls["threshold"].disabled
-    assert W.applicable_knobs("race", "eval") == ("threshold",)
-    assert W.applicable_knobs("race", "train") == ("k",)
-    assert W.applicable_knobs("topk", "eval") == ("k",)
+    assert W.applicable_knobs("race", "eval") == ("threshold", "capacity_factor")
+    assert W.applicable_knobs("race", "train") == ("k", "capacity_factor")
+    assert W.applicable_knobs("topk", "eval") == ("k", "groups", "top_groups", "capacity_factor")
     with pytest.raises(ValueError, match="router"):
         W.applicable_knobs("nope", "train")
 

@@ -101,16 +101,21 @@ def cached_fit(experiment: str, name: str, model: nn.Module, task: Any, train_lo
     - a checkpoint of an interrupted run (a stopped kernel, a killed process, a divergence): training
       resumes from it, bit for bit as if it had never stopped (a diverged run diverges again);
     - an unreadable file, or one without a completion record (older moe_lite): trained from scratch;
-    - no file: trained from scratch.
+    - no usable file, but moe_lite ships this finished run (``RunContext.shipped_path``: the same
+      key): loaded from there, without training, once it is checked (:func:`shipped_problem`); a
+      shipped file that fails a check is ignored, with a line saying why, and the run trains;
+    - nothing: trained from scratch.
 
     Callbacks with ``state_dict()`` / ``load_state_dict()`` (e.g. :class:`StepStats`) travel in the
     checkpoint. Training writes its checkpoints there (every evaluation); ``ctx.reuse=False``
-    retrains and overwrites.
+    retrains and overwrites; ``ctx.shipped=False`` never loads a shipped model.
     """
-    train_config = {k: v for k, v in config.to_dict().items() if k not in ("checkpoint", "progress")}
+    train_config = {k: v for k, v in config.to_dict().items() if k not in NOT_KEYED}
     path = ctx.checkpoint_path(experiment, name, getattr(model, "config", None), train_config,
                                data_fingerprint(train_loader.dataset), *key)
     config.checkpoint = str(path) if path is not None else None
+    if path is not None:
+        ctx.checkpoints_used.append(path)
     resume = None
     if path is not None and ctx.reuse and path.is_file():
         remove_stale_temporaries(path)  # left by a save killed mid-write
@@ -126,13 +131,63 @@ def cached_fit(experiment: str, name: str, model: nn.Module, task: Any, train_lo
                 resume = path
         except CheckpointError as err:  # nothing was loaded into the model or the callbacks
             print(f"[{name}] cannot use the cached checkpoint: {err}; retraining from scratch")
+    shipped = ctx.shipped_path(path) if path is not None and ctx.reuse and resume is None else None
+    if shipped is not None and shipped.is_file():
+        try:
+            payload = read_checkpoint(shipped)
+            problem = shipped_problem(payload, shipped_key(path, ctx), train_config)
+            if problem:
+                raise CheckpointError(problem, shipped)
+            return _load_finished(shipped, payload, name, model, callbacks, ctx, shipped=True)
+        except CheckpointError as err:  # nothing was loaded into the model or the callbacks
+            print(f"[{name}] ignoring the shipped checkpoint {_shown(shipped)}: {err}; training instead")
     return fit(model, task, train_loader, eval_loader, config, callbacks=list(callbacks), resume=resume)
 
 
+#: TrainConfig fields that do not define a run (where its checkpoint goes, whether a bar is drawn)
+NOT_KEYED = ("checkpoint", "progress")
+
+
+def shipped_key(path: Path, ctx: RunContext) -> str:
+    """The cache key of checkpoint ``path`` as a shipped file stores it: ``"<size>/<experiment>/<file>"``
+    (the file name carries the hash of everything that defines the run)."""
+    return f"{ctx.size}/{Path(path).relative_to(ctx.cache_dir).as_posix()}"
+
+
+def shipped_problem(payload: Dict[str, Any], key: str, train_config: Dict[str, Any]) -> str:
+    """Why a shipped checkpoint ``payload`` must not stand for the run keyed ``key`` with ``train_config``
+    ("" when it may): it must be a finished run that :mod:`moe_lite.experiments.ship` wrote for this key
+    and this training configuration."""
+    info = payload.get("extra", {}).get("shipped")
+    if not isinstance(info, dict):
+        return "it has no shipped record (not written by python -m moe_lite.experiments.ship)"
+    if info.get("key") != key:
+        return f"it was shipped for {info.get('key')!r}, not for {key!r}"
+    if payload.get("completed") is not True:
+        return "it is not a finished run"
+    saved = {k: v for k, v in (payload.get("config") or {}).items() if k not in NOT_KEYED}
+    differs = sorted(k for k in set(saved) | set(train_config) if saved.get(k) != train_config.get(k))
+    if differs:
+        return "its training configuration differs in " + ", ".join(
+            f"{k} ({saved.get(k)!r} there, {train_config.get(k)!r} here)" for k in differs[:3])
+    return ""
+
+
+def _shown(path: Path) -> str:
+    """``path`` inside the installed package as ``moe_lite/...`` (no machine's folders in outputs)."""
+    from .core import SHIPPED_DIR
+
+    try:
+        return f"moe_lite/{Path(path).relative_to(SHIPPED_DIR.parent).as_posix()}"
+    except ValueError:
+        return str(path)
+
+
 def _load_finished(path: Path, payload: Dict[str, Any], name: str, model: nn.Module,
-                   callbacks: Sequence[Callable], ctx: RunContext) -> History:
-    """Load the finished cached run ``payload`` (read from ``path``) into ``model`` and the stateful
-    ``callbacks``; a :class:`CheckpointError`, with nothing loaded, when it does not fit them."""
+                   callbacks: Sequence[Callable], ctx: RunContext, shipped: bool = False) -> History:
+    """Load the finished cached run ``payload`` (read from ``path``; ``shipped``: a model that ships
+    with moe_lite) into ``model`` and the stateful ``callbacks``; a :class:`CheckpointError`, with
+    nothing loaded, when it does not fit them."""
     stateful = [cb for cb in callbacks if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")]
     states = payload["extra"].get("callbacks") or []
     if len(states) != len(stateful):
@@ -142,8 +197,12 @@ def _load_finished(path: Path, payload: Dict[str, Any], name: str, model: nn.Mod
     for callback, state in zip(stateful, states):
         callback.load_state_dict(state)
     model.to(ctx.device).eval()
-    print(f"[{name}] loaded the finished run ({payload['step']} steps) from {path} "
-          f"(delete it, or pass reuse=False, to retrain)")
+    if shipped:
+        print(f"[{name}] loaded the shipped {ctx.size}-size model ({payload['step']} steps) from {_shown(path)} "
+              f"(to retrain: pass ctx=RunContext.create(..., shipped=False), or reuse=False)")
+    else:
+        print(f"[{name}] loaded the finished run ({payload['step']} steps) from {path} "
+              f"(delete it, or pass reuse=False, to retrain)")
     return History.from_dict(payload["history"])
 
 

@@ -20,6 +20,9 @@ from torch import Tensor
 SIZES = ("smoke", "quick", "gpu", "full")
 DATA_CHOICES = ("auto", "embedded")
 SIZE_ENV = "MOE_LITE_SIZE"
+#: trained models that ship with the package (read-only): ``<size>/<experiment>/<cache file name>``,
+#: written by ``python -m moe_lite.experiments.ship``, found by the same keys as the user's cache
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
 def default_size() -> str:
@@ -73,15 +76,20 @@ class RunContext:
     progress: bool = True
     cache_dir: Optional[Path] = None
     reuse: bool = True
+    shipped: bool = True
+    #: every cache file this context's runs looked up, in order (what ``moe_lite.experiments.ship`` copies)
+    checkpoints_used: List[Path] = field(default_factory=list, repr=False)
     _splits: Optional[Tuple[Dataset, Dataset]] = field(default=None, repr=False)
 
     @classmethod
     def create(cls, size: Optional[str] = None, seeds: Optional[Sequence[int]] = None, device: str = "auto",
                data: str = "auto", progress: bool = True, default_seeds: Sequence[int] = (0,),
-               cache: Optional[str | Path] = "default", reuse: bool = True) -> "RunContext":
+               cache: Optional[str | Path] = "default", reuse: bool = True,
+               shipped: bool = True) -> "RunContext":
         """``cache``: folder of trained checkpoints ("default": ``$MOE_LITE_CACHE/runs`` or
         ``~/.cache/moe_lite/runs``; None: no caching). ``reuse=False`` retrains even when a matching
-        checkpoint exists (and overwrites it)."""
+        checkpoint exists (and overwrites it). ``shipped=False``: never load the trained models that
+        ship with moe_lite (:data:`SHIPPED_DIR`), train instead (the user's own cache is still used)."""
         from ..train import pick_device
 
         if data not in DATA_CHOICES:
@@ -91,21 +99,38 @@ class RunContext:
             cache = Path(root) / "runs"
         return cls(size=resolve_size(size), seeds=list(seeds or default_seeds), device=pick_device(device),
                    data=data, progress=progress, cache_dir=Path(cache) if cache is not None else None,
-                   reuse=reuse)
+                   reuse=reuse, shipped=shipped)
 
     def checkpoint_path(self, experiment: str, name: str, *key_parts: Any) -> Optional[Path]:
         """Where a trained model of ``experiment``/``name`` is cached: the file name carries a hash
         of everything that defines the run (configs, size, seed, data), so a change retrains."""
         if self.cache_dir is None:
             return None
+        from ..data import SOURCE_DEBIAN, SOURCE_DOWNLOAD, SOURCE_LOCAL
+
         train, test = self.splits()
         # the data actually used (not the option that chose it), so a CLI run with --data embedded
-        # and a notebook under MOE_LITE_DATA=embedded share their checkpoints
-        data = (train.source, len(train), len(test))
+        # and a notebook under MOE_LITE_DATA=embedded share their checkpoints; every full copy of
+        # Fashion-MNIST is one data set wherever it came from (Binder's Debian package, Colab's download,
+        # then its local copy), so those share keys, and the shipped models, too
+        full = (SOURCE_LOCAL, SOURCE_DEBIAN, SOURCE_DOWNLOAD)
+        data = ("full Fashion-MNIST" if train.source in full else train.source, len(train), len(test))
         key = repr((self.size, data, str(self.device.type)) + tuple(repr(p) for p in key_parts))
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
         return self.cache_dir / experiment / f"{slug}-{digest}.pt"
+
+    def shipped_path(self, path: Path) -> Optional[Path]:
+        """Where moe_lite ships a trained model for the cache file ``path`` (from :meth:`checkpoint_path`):
+        ``SHIPPED_DIR/<size>/<experiment>/<same file name>``, the same key. None when ``shipped`` is off
+        or ``path`` is not in the cache folder."""
+        if not self.shipped or self.cache_dir is None:
+            return None
+        try:
+            relative = Path(path).relative_to(self.cache_dir)
+        except ValueError:
+            return None
+        return SHIPPED_DIR / self.size / relative
 
     def splits(self) -> Tuple[Dataset, Dataset]:
         """(train, test) Fashion-MNIST as normalised tensors, from the source ``data`` asks for."""

@@ -1,0 +1,233 @@
+"""Shipped trained models (``moe_lite/checkpoints``): found by the user cache's key after it misses,
+loaded without training, never used when their stored key or training configuration does not match
+(one printed line says so), and bypassed with ``shipped=False`` / ``reuse=False``."""
+import fnmatch
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import moe_lite.experiments.core as core
+from moe_lite.data import SOURCE_DEBIAN, SOURCE_DOWNLOAD, SOURCE_EMBEDDED, SOURCE_LOCAL, make_loader
+from moe_lite.experiments.common import StepStats, cached_fit, shipped_key
+from moe_lite.experiments.core import Dataset, RunContext
+from moe_lite.experiments.ship import slim
+from moe_lite.layers import MoE
+from moe_lite.routers import Race
+from moe_lite.train import ClassificationTask, TrainConfig, atomic_save, read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Tiny(nn.Module):
+    """8x8 image -> 4 patch tokens -> a Race MoE layer (an EMA threshold in a buffer) -> 2 classes."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(16, 8)
+        self.moe = MoE(8, 8, 4, Race(k=1))
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x):
+        b = x.shape[0]
+        h = self.embed(x.reshape(b, 1, 2, 4, 2, 4).permute(0, 2, 4, 1, 3, 5).reshape(b, 4, 16))
+        return self.head((h + self.moe(h)).flatten(1))
+
+
+class Counting(ClassificationTask):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def loss(self, model, batch):
+        self.calls += int(model.training)
+        return super().loss(model, batch)
+
+
+def data(source="synthetic"):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 2
+    return Dataset(0.3 * torch.randn(40, 1, 8, 8, generator=g) + y[:, None, None, None].float(), y, source)
+
+
+def context(cache, **kwargs):
+    ds = data()
+    return RunContext(size="smoke", seeds=[0], device=torch.device("cpu"), progress=False, cache_dir=cache,
+                      _splits=(ds, ds), **kwargs)
+
+
+def run(ctx, model, lr=1e-2, callbacks=None):
+    """A 12-step cached run with a :class:`StepStats` (its state travels in the checkpoint); returns
+    (history, training steps taken)."""
+    callbacks = [StepStats(every=4)] if callbacks is None else callbacks
+    ds = data()
+    train = make_loader((ds.x, ds.y), batch_size=8, shuffle=True, seed=0)
+    test = make_loader((ds.x, ds.y), batch_size=20, shuffle=False)
+    config = TrainConfig(max_steps=12, lr=lr, warmup_steps=2, eval_every=4, device="cpu", progress=False)
+    task = Counting()
+    history = cached_fit("test", "tiny run", model, task, train, test, config, ctx, callbacks=list(callbacks))
+    return history, task.calls
+
+
+def outputs(model):
+    model.eval()
+    with torch.no_grad():
+        return model(data().x)
+
+
+@pytest.fixture
+def shipped_dir(tmp_path, monkeypatch):
+    """The package's shipped folder, pointed at an empty temporary one."""
+    folder = tmp_path / "shipped"
+    monkeypatch.setattr(core, "SHIPPED_DIR", folder)
+    return folder
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A finished run in a user cache: (its context, its checkpoint file, the trained model, StepStats)."""
+    ctx = context(tmp_path / "user")
+    stats = StepStats(every=4)
+    model = Tiny()
+    run(ctx, model, callbacks=[stats])
+    (path,) = ctx.checkpoints_used
+    return ctx, path, model, stats
+
+
+def ship_one(trained, shipped_dir, dtype=torch.float32, key=None):
+    """Write ``trained``'s checkpoint into ``shipped_dir`` as ``moe_lite.experiments.ship`` does."""
+    ctx, path, _, _ = trained
+    key = key or shipped_key(path, ctx)
+    target = shipped_dir / shipped_key(path, ctx)
+    atomic_save(slim(read_checkpoint(path), key, dtype), target)
+    return target
+
+
+def test_a_shipped_model_is_found_by_its_key_and_loads_without_training(trained, shipped_dir, tmp_path, capsys):
+    ctx, path, reference, stats = trained
+    target = ship_one(trained, shipped_dir)
+    assert target.relative_to(shipped_dir).as_posix() == f"smoke/test/{path.name}"  # the same file name
+    capsys.readouterr()
+
+    fresh = context(tmp_path / "learner")  # a learner's empty cache
+    model, loaded = Tiny(seed=1), StepStats(every=4)
+    history, steps = run(fresh, model, callbacks=[loaded])
+    out = capsys.readouterr().out
+    assert steps == 0, "a shipped model must not be retrained"
+    assert "loaded the shipped smoke-size model (12 steps) from" in out and "shipped=False" in out
+    assert str(tmp_path) not in out  # the package path is shown as moe_lite/..., not the machine's
+    assert torch.equal(outputs(model), outputs(reference))  # fp32: exactly the trained model
+    assert history.evals == read_checkpoint(path)["history"]["evals"] and loaded.records == stats.records
+    assert not (tmp_path / "learner").exists() or not list((tmp_path / "learner").rglob("*.pt"))
+
+
+def test_slimming_drops_the_training_state_and_fp16_keeps_the_outputs(trained, shipped_dir, tmp_path):
+    ctx, path, reference, _ = trained
+    full = read_checkpoint(path)
+    fp32 = read_checkpoint(ship_one(trained, shipped_dir))
+    assert full["optimizer"] is not None and fp32["optimizer"] is None and fp32["rng"] is None
+    assert fp32["config"]["checkpoint"] is None  # no path of the machine that trained it
+    target = ship_one(trained, shipped_dir, dtype=torch.float16)
+    fp16 = read_checkpoint(target)
+    assert all(v.dtype == torch.float16 for v in fp16["model"].values() if v.is_floating_point())
+    assert target.stat().st_size < path.stat().st_size / 2
+
+    model = Tiny(seed=1)
+    _, steps = run(context(tmp_path / "learner"), model)
+    assert steps == 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # loaded into the model's own dtype
+    torch.testing.assert_close(outputs(model), outputs(reference), atol=2e-2, rtol=2e-2)
+    assert torch.equal(outputs(model).argmax(-1), outputs(reference).argmax(-1))
+
+
+def test_slimming_keeps_a_tensor_fp16_cannot_hold():
+    payload = {"model": {"w": torch.tensor([1.0, 1e6]), "n": torch.tensor([3])}, "extra": {}, "config": {}}
+    out = slim(payload, "k")
+    assert out["model"]["w"].dtype == torch.float32 and out["model"]["n"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("damage", ["another key", "corrupted", "not shipped", "other config"])
+def test_a_shipped_file_that_does_not_match_is_ignored_with_a_line_and_the_run_trains(
+        damage, trained, shipped_dir, tmp_path, capsys):
+    ctx, path, _, _ = trained
+    if damage == "another key":  # e.g. copied under another run's name
+        target = ship_one(trained, shipped_dir, key="smoke/test/tiny-run-0000000000000000.pt")
+        reason = "it was shipped for 'smoke/test/tiny-run-0000000000000000.pt'"
+    elif damage == "corrupted":
+        target = ship_one(trained, shipped_dir)
+        target.write_bytes(target.read_bytes()[:200])
+        reason = "is truncated or not a torch checkpoint file"
+    elif damage == "not shipped":  # a user checkpoint dropped in, with its optimizer state
+        target = shipped_dir / shipped_key(path, ctx)
+        target.parent.mkdir(parents=True)
+        target.write_bytes(path.read_bytes())
+        reason = "it has no shipped record"
+    else:
+        target = ship_one(trained, shipped_dir)
+        payload = read_checkpoint(target)
+        payload["config"]["lr"] = 0.5
+        atomic_save(payload, target)
+        reason = "its training configuration differs in lr (0.5 there, 0.01 here)"
+    capsys.readouterr()
+    model = Tiny(seed=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    _, steps = run(context(tmp_path / "learner"), model)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "shipped" in line]
+    assert len(lines) == 1 and "ignoring the shipped checkpoint" in lines[0] and reason in lines[0], out
+    assert "training instead" in lines[0]
+    assert steps > 0 and not all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert list((tmp_path / "learner").rglob("*.pt")), "the trained run is cached for next time"
+
+
+@pytest.mark.parametrize("option", [{"shipped": False}, {"reuse": False}])
+def test_shipped_false_or_reuse_false_retrains(option, trained, shipped_dir, tmp_path, capsys):
+    ship_one(trained, shipped_dir)
+    capsys.readouterr()
+    _, steps = run(context(tmp_path / "learner", **option), Tiny(seed=1))
+    assert steps > 0 and "shipped" not in capsys.readouterr().out
+
+
+def test_create_takes_shipped():
+    assert RunContext.create("smoke", cache=None).shipped is True
+    assert RunContext.create("smoke", cache=None, shipped=False).shipped is False
+
+
+def test_the_user_cache_comes_first_and_a_missing_shipped_folder_is_fine(trained, shipped_dir, capsys):
+    ctx, path, reference, _ = trained
+    assert not shipped_dir.exists()
+    model = Tiny(seed=1)
+    _, steps = run(context(ctx.cache_dir), model)
+    assert steps == 0 and "loaded the finished run" in capsys.readouterr().out
+    ship_one(trained, shipped_dir)
+    _, steps = run(context(ctx.cache_dir), Tiny(seed=1))
+    out = capsys.readouterr().out
+    assert steps == 0 and "loaded the finished run" in out and "shipped" not in out.replace("shipped=", "")
+
+
+def test_every_full_copy_of_fashion_mnist_shares_the_keys(tmp_path):
+    """Binder reads Debian's package, Colab downloads and then finds its local copy: one key, so one
+    shipped model serves them all; the embedded subset is other data and keys apart."""
+    def key(source):
+        ds = data(source)
+        ctx = RunContext(size="quick", seeds=[0], device=torch.device("cpu"), cache_dir=tmp_path, _splits=(ds, ds))
+        return ctx.checkpoint_path("vimoe", "dense", "config")
+
+    assert key(SOURCE_DEBIAN) == key(SOURCE_DOWNLOAD) == key(SOURCE_LOCAL)
+    assert key(SOURCE_EMBEDDED) != key(SOURCE_DEBIAN)
+
+
+def test_the_package_ships_what_the_tool_writes():
+    tomllib = pytest.importorskip("tomllib")
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["moe_lite"]
+    assert any(fnmatch.fnmatch("checkpoints/quick/vimoe/dense-0123456789abcdef.pt", p) for p in patterns)
+    assert (ROOT / "moe_lite" / "checkpoints" / "README.md").is_file()
+    assert core.SHIPPED_DIR == ROOT / "moe_lite" / "checkpoints"
+    # every file shipped (if any yet) is a slimmed, keyed checkpoint at the place its key names
+    for path in core.SHIPPED_DIR.rglob("*.pt"):
+        payload = read_checkpoint(path)
+        assert payload["extra"]["shipped"]["key"] == path.relative_to(core.SHIPPED_DIR).as_posix(), path
+        assert payload["optimizer"] is None and re.fullmatch(r".+-[0-9a-f]{16}\.pt", path.name)
