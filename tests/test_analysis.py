@@ -2,7 +2,6 @@
 viz builders that draw them; hand-made routings with the answers written out, and loop references."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np

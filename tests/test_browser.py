@@ -15,7 +15,6 @@ where a missing browser is a failure.
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil

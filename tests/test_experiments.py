@@ -155,7 +155,7 @@ def test_report_writes_figures_and_links_them(smoke_records, tmp_path):
 
 
 def test_published_results_are_read_from_the_repository(tmp_path):
-    from moe_lite.experiments.report import published, show_published
+    from moe_lite.experiments.report import published
 
     folder = tmp_path / "docs" / "results" / "quick"
     folder.mkdir(parents=True)

@@ -15,59 +15,8 @@ from torch import nn
 from moe_lite import MoE
 from moe_lite.layers import CosineGate
 from moe_lite.routers import Capacity, ExpertChoice, NullExperts, Race, TopK
-from moe_lite.routing import Routing
 
-F64 = torch.float64
-SEEDS = (0, 1, 2, 3)
-
-
-# ---- local helpers ----------------------------------------------------------------------------
-def num(t) -> float:
-    return float(t.detach()) if torch.is_tensor(t) else float(t)
-
-
-def logits_of(probs) -> torch.Tensor:
-    """float64 logits ``[B, L, E]`` whose softmax is ``probs`` (nested lists)."""
-    return torch.tensor(probs, dtype=F64).log()
-
-
-def pairs(r: Routing) -> dict:
-    return {(int(t), int(e)): num(w) for t, e, w in zip(r.token, r.expert, r.weight)}
-
-
-def assert_pairs(r: Routing, expected: dict, atol: float = 1e-9) -> None:
-    got = pairs(r)
-    assert set(got) == set(expected), f"pairs {sorted(got)} != expected {sorted(expected)}"
-    for key, w in expected.items():
-        assert got[key] == pytest.approx(w, abs=atol), f"weight of {key}: {got[key]} != {w}"
-
-
-def as_dict(router):
-    def fn(lg):
-        r = router(lg)
-        return {(int(t), int(e)): w for t, e, w in zip(r.token, r.expert, r.weight)}
-    return fn
-
-
-def loss_grad(fn, logits: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    lg = logits.detach().clone().requires_grad_(True)
-    loss = sum(w * c[t, e] for (t, e), w in fn(lg).items())
-    loss.backward()
-    return lg.grad
-
-
-def assert_matches(router, ref_fn, logits: torch.Tensor, seed: int, constant: bool = False) -> None:
-    """Same pairs, weights and gradient of a random weighted loss as the reference (float64).
-    ``constant``: the weights do not depend on the logits (one expert renormalised), so the gradient is 0."""
-    got, ref = as_dict(router)(logits), ref_fn(logits)
-    assert set(got) == set(ref), f"pairs {sorted(got)} != reference {sorted(ref)}"
-    for key in ref:
-        assert num(got[key]) == pytest.approx(num(ref[key]), abs=1e-10), key
-    n, e = logits.shape[0] * logits.shape[1], logits.shape[2]
-    c = torch.randn(n, e, dtype=F64, generator=torch.Generator().manual_seed(100 + seed))
-    g_router, g_ref = loss_grad(as_dict(router), logits, c), loss_grad(ref_fn, logits, c)
-    assert constant or g_router.abs().sum() > 0, "no gradient reached the logits"
-    assert torch.allclose(g_router, g_ref, atol=1e-10)
+from routing_checks import F64, SEEDS, assert_matches, assert_pairs, logits_of, num, pairs
 
 
 def softmax_row(row: torch.Tensor) -> torch.Tensor:
