@@ -2,14 +2,13 @@
 an interrupted one resumes bit for bit, an old or unreadable file retrains, and each case says which."""
 import pytest
 import torch
-from torch import nn
 
 from moe_lite.data import make_loader
 from moe_lite.experiments.common import StepStats, cached_fit
 from moe_lite.experiments.core import Dataset, RunContext
-from moe_lite.layers import MoE
-from moe_lite.routers import Race
 from moe_lite.train import ClassificationTask, TrainConfig, TrainingDiverged
+
+from tiny_race_model import Tiny
 
 STEPS = 12
 KILLED_SAVE = """
@@ -21,22 +20,6 @@ def killed(obj, file):  # the process dies half-way through writing
 torch.save = killed
 atomic_save({"a": 1}, sys.argv[1])
 """
-
-
-class Tiny(nn.Module):
-    """8x8 image -> 4 patch tokens -> a Race MoE layer (an EMA threshold in a buffer) -> 2 classes."""
-
-    def __init__(self, seed):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Linear(16, 8)
-        self.moe = MoE(8, 8, 4, Race(k=1))
-        self.head = nn.Linear(32, 2)
-
-    def forward(self, x):
-        b = x.shape[0]
-        h = self.embed(x.reshape(b, 1, 2, 4, 2, 4).permute(0, 2, 4, 1, 3, 5).reshape(b, 4, 16))
-        return self.head((h + self.moe(h)).flatten(1))
 
 
 class Counting(ClassificationTask):

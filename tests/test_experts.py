@@ -14,6 +14,8 @@ from moe_lite.experts import (
     x_in_y,
 )
 
+from precision_checks import DEVICES, HALF, rel_err
+
 BACKENDS = ["loop", "sorted", "grouped_mm", "padded", "auto"]
 
 
@@ -292,17 +294,6 @@ def test_x_dtype_must_match_the_weights_without_autocast():
 
 
 # ---- low precision: autocast and half-precision weights ------------------------------------------------
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by the GPU check)")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
-HALF = [torch.bfloat16, torch.float16]
-
-
-def rel_err(a, b):
-    """``|a - b| / |b|`` in float64 (one number for a whole tensor: robust to single tiny entries)."""
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
 def amp_case(device):
     """An Experts layer whose widths (16, 32, 64) are 16-byte aligned in half precision (grouped_mm runs)."""
     gen = torch.Generator().manual_seed(10)

@@ -24,6 +24,8 @@ from moe_lite.layers import (
 )
 from moe_lite.routing import Routing
 
+from precision_checks import DEVICES, HALF, rel_err
+
 HAVE_ROUTERS = importlib.util.find_spec("moe_lite.routers") is not None
 
 
@@ -329,16 +331,6 @@ def test_soft_moe_rejects_non_finite_input_like_moe(bad):
 
 
 # ---- low precision ---------------------------------------------------------------------------------------
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by the GPU check)")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
-HALF = [torch.bfloat16, torch.float16]
-
-
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
 def out_and_grads(layer, x, autocast_dtype=None):
     """Output and gradients w.r.t. x and every parameter, optionally under autocast on x's device."""
     x = x.detach().requires_grad_()

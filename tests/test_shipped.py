@@ -7,34 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import moe_lite.experiments.core as core
 from moe_lite.data import SOURCE_DEBIAN, SOURCE_DOWNLOAD, SOURCE_EMBEDDED, SOURCE_LOCAL, make_loader
 from moe_lite.experiments.common import StepStats, cached_fit, shipped_key
 from moe_lite.experiments.core import Dataset, RunContext
 from moe_lite.experiments.ship import slim
-from moe_lite.layers import MoE
-from moe_lite.routers import Race
 from moe_lite.train import ClassificationTask, TrainConfig, atomic_save, read_checkpoint
 
+from tiny_race_model import Tiny
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Tiny(nn.Module):
-    """8x8 image -> 4 patch tokens -> a Race MoE layer (an EMA threshold in a buffer) -> 2 classes."""
-
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Linear(16, 8)
-        self.moe = MoE(8, 8, 4, Race(k=1))
-        self.head = nn.Linear(32, 2)
-
-    def forward(self, x):
-        b = x.shape[0]
-        h = self.embed(x.reshape(b, 1, 2, 4, 2, 4).permute(0, 2, 4, 1, 3, 5).reshape(b, 4, 16))
-        return self.head((h + self.moe(h)).flatten(1))
 
 
 class Counting(ClassificationTask):
