@@ -187,6 +187,11 @@ def test_config_errors_name_the_field():
         LMConfig(router="nope")
     with pytest.raises(ValueError, match="heads"):
         LMConfig(dim=30, heads=4)
+    # the MoE fields go through the check ViTConfig uses (moe_lite.models.vit.check_moe_fields)
+    with pytest.raises(ValueError, match="LMConfig: weight of loss 'load_balance'"):
+        LMConfig(moe_losses={"load_balance": -1.0})
+    with pytest.raises(ValueError, match="LMConfig.num_shared"):
+        LMConfig(num_shared=True)
     with pytest.raises(ValueError, match="max_len"):
         CausalLM(LMConfig(max_len=4))(torch.zeros(1, 5, dtype=torch.long))
 

@@ -34,16 +34,15 @@ of its own sequence). Routers where tokens *compete* are not causal, in training
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import losses as _losses
 from ..layers import FFN, MoE
-from ..routers import ROUTERS
-from .vit import DEFAULT_ROUTER_KWARGS, Attention, Block, Placement, RouterSpec, resolve_placement, router_from_name
+from .vit import (DEFAULT_ROUTER_KWARGS, Attention, Block, Placement, RouterSpec, check_moe_fields, resolve_placement,
+                  router_from_name)
 
 __all__ = [
     "LMConfig",
@@ -104,26 +103,7 @@ class LMConfig:
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"LMConfig.dropout must be in [0, 1), got {self.dropout}")
         resolve_placement(self.moe_layers, self.depth)  # validates the placement
-        if isinstance(self.router, nn.Module) or not (isinstance(self.router, str) or callable(self.router)):
-            raise ValueError("LMConfig.router must be a router name or a zero-argument factory, "
-                             f"not {type(self.router).__name__}")
-        if isinstance(self.router, str) and self.router not in ROUTERS:
-            raise ValueError(f"LMConfig: unknown router {self.router!r}; choose one of {sorted(ROUTERS)}")
-        if self.router_kwargs is not None and not isinstance(self.router_kwargs, Mapping):
-            raise ValueError(f"LMConfig.router_kwargs must be a dict, got {type(self.router_kwargs).__name__}")
-        if not isinstance(self.router, str) and self.router_kwargs:
-            raise ValueError("LMConfig.router_kwargs must be empty when router is a factory")
-        if isinstance(self.num_shared, bool) or not isinstance(self.num_shared, int) or self.num_shared < 0:
-            raise ValueError(f"LMConfig.num_shared must be an int >= 0, got {self.num_shared!r}")
-        for name in ("expert_hidden", "shared_hidden"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"LMConfig.{name} must be None or a positive int, got {value!r}")
-        if not isinstance(self.moe_losses, Mapping):
-            raise ValueError(f"LMConfig.moe_losses must be a dict, got {type(self.moe_losses).__name__}")
-        for name in self.moe_losses:
-            if name not in _losses.REGISTRY:
-                raise ValueError(f"LMConfig: unknown MoE loss {name!r}; known: {sorted(_losses.REGISTRY)}")
+        check_moe_fields(self, "LMConfig")
 
     @property
     def moe_block_indices(self) -> list:

@@ -76,6 +76,41 @@ DEFAULT_ROUTER_KWARGS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
 })
 
 
+def check_moe_fields(config: Any, who: str) -> None:
+    """Validate the MoE fields a model config shares (``router``, ``router_kwargs``, ``num_shared``,
+    ``expert_hidden``, ``shared_hidden``, ``moe_losses``); ``ValueError`` naming ``who`` and the field.
+    Used by :class:`ViTConfig` and the language model's ``LMConfig``."""
+    def int_at_least(value: Any, minimum: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    if isinstance(config.router, nn.Module):
+        raise ValueError(
+            f"{who}.router must be a router name or a zero-argument factory (e.g. lambda: TopK(2)), "
+            "not a router instance: every MoE layer needs its own router"
+        )
+    if not (isinstance(config.router, str) or callable(config.router)):
+        raise ValueError(f"{who}.router must be a name or a callable, got {type(config.router).__name__}")
+    if isinstance(config.router, str) and config.router not in ROUTERS:
+        raise ValueError(f"{who}: unknown router {config.router!r}; choose one of {sorted(ROUTERS)}")
+    if config.router_kwargs is not None and not isinstance(config.router_kwargs, Mapping):
+        raise ValueError(f"{who}.router_kwargs must be a dict, got {type(config.router_kwargs).__name__}")
+    if not isinstance(config.router, str) and config.router_kwargs:
+        raise ValueError(f"{who}.router_kwargs must be empty when router is a factory (put them in the factory)")
+    if not int_at_least(config.num_shared, 0):
+        raise ValueError(f"{who}.num_shared must be a non-negative int, got {config.num_shared!r}")
+    for name in ("expert_hidden", "shared_hidden"):
+        value = getattr(config, name)
+        if value is not None and not int_at_least(value, 1):
+            raise ValueError(f"{who}.{name} must be None or a positive int, got {value!r}")
+    if not isinstance(config.moe_losses, Mapping):
+        raise ValueError(f"{who}.moe_losses must be a dict {{name: weight}}, got {type(config.moe_losses).__name__}")
+    for name, weight in config.moe_losses.items():
+        if name not in _losses.REGISTRY:
+            raise ValueError(f"{who}: unknown MoE loss {name!r}; known: {sorted(_losses.REGISTRY)}")
+        if not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"{who}: weight of loss {name!r} must be a non-negative number, got {weight!r}")
+
+
 # ---- configuration ----------------------------------------------------------------------------
 @dataclass
 class ViTConfig:
@@ -174,27 +209,9 @@ class ViTConfig:
         if self.stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
         indices = resolve_placement(self.moe_layers, self.depth)  # validates the placement
-        if isinstance(self.router, nn.Module):
-            raise ValueError(
-                "ViTConfig.router must be a router name or a zero-argument factory (e.g. lambda: TopK(2)), "
-                "not a router instance: every MoE layer needs its own router"
-            )
-        if not (isinstance(self.router, str) or callable(self.router)):
-            raise ValueError(f"ViTConfig.router must be a name or a callable, got {type(self.router).__name__}")
-        if isinstance(self.router, str) and self.router not in ROUTERS:
-            raise ValueError(f"unknown router {self.router!r}; choose one of {sorted(ROUTERS)}")
-        if self.router_kwargs is not None and not isinstance(self.router_kwargs, Mapping):
-            raise ValueError(f"router_kwargs must be a dict, got {type(self.router_kwargs).__name__}")
-        if not isinstance(self.router, str) and self.router_kwargs:
-            raise ValueError("router_kwargs must be empty when router is a factory (put them in the factory)")
+        check_moe_fields(self, "ViTConfig")
         if indices and (not isinstance(self.num_experts, int) or self.num_experts < 1):
             raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
-        if not isinstance(self.num_shared, int) or self.num_shared < 0:
-            raise ValueError(f"num_shared must be a non-negative int, got {self.num_shared!r}")
-        for name in ("expert_hidden", "shared_hidden"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"ViTConfig.{name} must be None or a positive int, got {value!r}")
         if self.moe_type not in MOE_TYPES:
             raise ValueError(f"moe_type must be one of {MOE_TYPES}, got {self.moe_type!r}")
         if not isinstance(self.slots_per_expert, int) or isinstance(self.slots_per_expert, bool) \
@@ -205,13 +222,6 @@ class ViTConfig:
         if self.moe_type == "soft" and self.moe_losses:
             raise ValueError(f"moe_type='soft' has no auxiliary loss (nothing is routed): set moe_losses={{}} "
                              f"(got {dict(self.moe_losses)})")
-        if not isinstance(self.moe_losses, Mapping):
-            raise ValueError(f"moe_losses must be a dict {{name: weight}}, got {type(self.moe_losses).__name__}")
-        for name, weight in self.moe_losses.items():
-            if name not in _losses.REGISTRY:
-                raise ValueError(f"unknown MoE loss {name!r}; known: {sorted(_losses.REGISTRY)}")
-            if not isinstance(weight, (int, float)) or weight < 0:
-                raise ValueError(f"weight of loss {name!r} must be a non-negative number, got {weight!r}")
 
     # -- derived --------------------------------------------------------------------------------
     @property
