@@ -65,3 +65,13 @@ def assert_matches(router, ref_fn, logits: torch.Tensor, seed: int, constant: bo
     g_router, g_ref = loss_grad(as_dict(router), logits, c), loss_grad(ref_fn, logits, c)
     assert constant or g_router.abs().sum() > 0, "no gradient reached the logits"
     assert torch.allclose(g_router, g_ref, atol=1e-10)
+
+
+def gate_row(row: torch.Tensor, gating: str) -> torch.Tensor:
+    """The selection scores of one token's logits ``[E]``: softmax, sigmoid or the logits themselves."""
+    if gating == "softmax":
+        ex = torch.exp(row - row.max())
+        return ex / ex.sum()
+    if gating == "sigmoid":
+        return 1.0 / (1.0 + torch.exp(-row))
+    return row

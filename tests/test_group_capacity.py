@@ -15,17 +15,8 @@ from moe_lite import MoE
 from moe_lite.routers import BiasBalanced, Capacity, ExpertChoice, Race, Router, Switch, TopK, TopP
 from moe_lite.routing import Routing, groups_per_token, routing_summary
 
-from routing_checks import (F64, SEEDS, as_dict, assert_matches, assert_pairs, assert_pairs_tensors, logits_of,
-                            loss_grad, num, pairs)
-
-
-def gate_row(row: torch.Tensor, gating: str) -> torch.Tensor:
-    if gating == "softmax":
-        ex = torch.exp(row - row.max())
-        return ex / ex.sum()
-    if gating == "sigmoid":
-        return 1.0 / (1.0 + torch.exp(-row))
-    return row
+from routing_checks import (F64, SEEDS, as_dict, assert_matches, assert_pairs, assert_pairs_tensors, gate_row,
+                            logits_of, loss_grad, num, pairs)
 
 
 def rand_logits(seed: int, b: int = 2, l: int = 5, e: int = 8) -> torch.Tensor:

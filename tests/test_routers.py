@@ -31,6 +31,8 @@ from moe_lite.routers import (
 )
 from moe_lite.routing import Routing
 
+from routing_checks import assert_pairs as _assert_pairs, gate_row, logits_of, num, pairs
+
 SEEDS = (0, 1, 2)
 F64 = torch.float64
 
@@ -38,30 +40,13 @@ F64 = torch.float64
 
 
 # ---- local helpers ----------------------------------------------------------------------------
-def num(t) -> float:
-    """A Python float of a scalar tensor (detached: references sort on values, not on graphs)."""
-    return float(t.detach()) if torch.is_tensor(t) else float(t)
-
-
 def sig(v: float) -> float:
     return 1.0 / (1.0 + math.exp(-v))
 
 
-def logits_of(probs) -> torch.Tensor:
-    """float64 logits ``[B, L, E]`` whose softmax is ``probs`` (nested lists)."""
-    return torch.tensor(probs, dtype=F64).log()
-
-
-def pairs(r: Routing) -> dict:
-    """``{(token, expert): weight}`` of a Routing, as plain Python numbers."""
-    return {(int(t), int(e)): num(w) for t, e, w in zip(r.token, r.expert, r.weight)}
-
-
 def assert_pairs(r: Routing, expected: dict, atol: float = 1e-6) -> None:
-    got = pairs(r)
-    assert set(got) == set(expected), f"pairs {sorted(got)} != expected {sorted(expected)}"
-    for key, w in expected.items():
-        assert got[key] == pytest.approx(w, abs=atol), f"weight of {key}: {got[key]} != {w}"
+    """:func:`routing_checks.assert_pairs` at this file's tolerance (float32 routers included)."""
+    _assert_pairs(r, expected, atol)
 
 
 def assert_same_routing(a: Routing, b: Routing) -> None:
@@ -114,15 +99,6 @@ def assert_grad_matches(router, ref_fn, logits: torch.Tensor, seed: int = 0) -> 
     g_ref = weighted_loss_grad(ref_fn, logits, c)
     assert g_router.abs().sum() > 0, "no gradient reached the logits"
     assert torch.allclose(g_router, g_ref, atol=1e-10)
-
-
-def gate_row(row: torch.Tensor, gating: str) -> torch.Tensor:
-    if gating == "softmax":
-        ex = torch.exp(row - row.max())
-        return ex / ex.sum()
-    if gating == "sigmoid":
-        return 1.0 / (1.0 + torch.exp(-row))
-    return row
 
 
 def rand_logits(seed: int, b: int = 2, l: int = 5, e: int = 4, dtype=F64) -> torch.Tensor:
