@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..data import CLASS_NAMES
-from ..models.vit import ViT, ViTConfig, dynamic_config, experts_per_sample, set_threshold, top2_config
+from ..models.vit import ViT, ViTConfig, dynamic_config, experts_per_sample, set_threshold, top2_config, topk_config
 from .. import viz
 from .common import ClassifySize, predict, routing_table, seeded_build, train_classifier
 from .core import Dataset, ExperimentResult, RunContext, Timer, add_paired_comparisons, format_mean_std, mean_std
@@ -72,7 +72,9 @@ def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = 
     train_all, test_all = ctx.splits()
     train, test = train_all.take(spec.n_per_class, seed=0), test_all.take(spec.test_per_class, seed=1)
     base = base_config(ctx.size)
-    configs = {"top-p": dynamic_config(base, p=p, entropy_weight=entropy_weight), "top-2": top2_config(base)}
+    # top-1 is the compute floor: top-p only saves compute if it beats one expert per token
+    configs = {"top-p": dynamic_config(base, p=p, entropy_weight=entropy_weight), "top-1": topk_config(base, k=1),
+               "top-2": top2_config(base)}
     if entropy_ablation:
         configs["top-p, no entropy loss"] = dynamic_config(base, p=p, entropy_weight=0.0)
     result = ExperimentResult("dynamic", ctx.size, str(ctx.device), train_all.source,
@@ -115,7 +117,7 @@ def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = 
                 "experts, wrong": format_mean_std(summary["experts_wrong"], 3),
                 "spearman(class error, class experts)": format_mean_std(summary["class_error_experts_spearman"], 3),
                 "seeds": len(per_seed)})
-        result.tables["top-p vs top-2"] = rows
+        result.tables["top-p vs top-1 and top-2"] = rows
         result.tables["do harder inputs take more experts?"] = hardness_rows
         _class_table_and_figures(result, test)
         _threshold_sweep(result, test, ctx)

@@ -17,7 +17,7 @@ from .zoo import run_balance, run_zoo
 EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
     Experiment("vimoe", "ViT vs ViMoE (shared expert, placement), class x expert maps", run_vimoe),
     Experiment("vimoe-grid", "ViMoE placement x shared expert x training-set size, over seeds", run_vimoe_grid),
-    Experiment("dynamic", "top-p vs top-2: experts per token by layer, class and difficulty", run_dynamic),
+    Experiment("dynamic", "top-p vs top-1 and top-2: experts per token by layer, class and difficulty", run_dynamic),
     Experiment("zoo", "every router on the same ViMoE: accuracy, balance, compute", run_zoo),
     Experiment("balance", "balancing methods on top-2: load CV, MaxVio, combination usage", run_balance),
     Experiment("adapt", "LoRA experts on a frozen ViT vs linear probe, LoRA, full fine-tuning", run_adapt),

@@ -549,18 +549,28 @@ def dynamic_config(
     )
 
 
+def topk_config(
+    base: Optional[ViTConfig] = None,
+    k: int = 2,
+    balance_weight: float = 1e-2,
+    placement: Optional[Placement] = None,
+) -> ViTConfig:
+    """The fixed-k baselines of :func:`dynamic_config`: ``TopK(k)`` and ``{"load_balance": balance_weight}``,
+    same experts, widths and placement rule (hence the same parameters)."""
+    base = base if base is not None else ViTConfig()
+    return _with_moe(
+        base, placement, "every-2", router="topk", router_kwargs={"k": k},
+        moe_losses={"load_balance": balance_weight} if balance_weight else {},
+    )
+
+
 def top2_config(
     base: Optional[ViTConfig] = None,
     balance_weight: float = 1e-2,
     placement: Optional[Placement] = None,
 ) -> ViTConfig:
-    """The top-2 baseline of :func:`dynamic_config`: ``TopK(2)`` and ``{"load_balance": balance_weight}``,
-    same experts, widths and placement rule (hence the same parameters)."""
-    base = base if base is not None else ViTConfig()
-    return _with_moe(
-        base, placement, "every-2", router="topk", router_kwargs={"k": 2},
-        moe_losses={"load_balance": balance_weight} if balance_weight else {},
-    )
+    """:func:`topk_config` with k = 2, the paper's baseline."""
+    return topk_config(base, 2, balance_weight, placement)
 
 
 def dense_equivalent(config: ViTConfig, k_active: Optional[float] = None) -> ViTConfig:
