@@ -6,6 +6,9 @@ Each experiment writes ``<out>/<name>.json`` (every metric, the config and the w
 
 A user mistake (a bad argument, environment size, device, seed, input file or output path) is
 reported as one line on stderr with exit code 2, before any training.
+
+This is an edge: it resolves the :class:`~moe_lite.settings.Settings` once (arguments, else the
+environment) and passes them down.
 """
 from __future__ import annotations
 
@@ -13,19 +16,22 @@ import argparse
 import sys
 from typing import List, Optional
 
+from .experiments import EXPERIMENTS, run_experiments
+from .experiments.core import UsageError
+from .experiments.costs import size_costs
+from .experiments.report import write_report
+from .experiments.runner import check_device
+from .settings import DATA_CHOICES, SIZES, Settings
+
 
 class _Parser(argparse.ArgumentParser):
     """Reports a bad command line as a :class:`UsageError` (one line) instead of usage + exit."""
 
     def error(self, message: str):  # type: ignore[override]
-        from .experiments.report import UsageError
-
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .experiments import DATA_CHOICES, EXPERIMENTS, SIZES
-
     parser = _Parser(prog="python -m moe_lite", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -34,23 +40,24 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--size", choices=SIZES, default=None,
                      help="smoke (seconds, CI), quick (minutes on a 2-core CPU), gpu (minutes on a free Colab "
                           "T4; the default on CUDA), full (a paper-style study on a datacenter GPU); "
-                          "default: $MOE_LITE_SIZE or quick")
+                          "default: $MOE_LITE_SIZE, else gpu on CUDA, else quick")
     run.add_argument("--out", default="results", help="output folder (default: results/)")
-    run.add_argument("--data", choices=DATA_CHOICES, default="auto",
-                     help="'auto' takes the best local source (see moe_lite.data); 'embedded' forces the "
-                          "committed subset")
+    run.add_argument("--data", choices=DATA_CHOICES, default=None,
+                     help="'auto' (the default, or $MOE_LITE_DATA): the size's data, the committed subset at smoke "
+                          "and quick size (as the published results), the best full copy at gpu and full; "
+                          "'embedded' forces the subset, 'full' a full copy (see moe_lite.data)")
     run.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the size's seeds)")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    run.add_argument("--device", default=None, help="auto (the default), cpu, cuda, cuda:N, mps")
     run.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     run.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
-                     help="only these variants / routers / methods (experiments vimoe, vimoe-grid, dit, race: "
-                          "variant names; zoo: routers; balance, adapt: methods); quote names with spaces")
+                     help="only these variants of each experiment (see 'list'); quote names with spaces")
 
     sub.add_parser("list", help="list the experiments")
 
     costs = sub.add_parser("costs", help="what one model of each experiment costs to train at a size "
                                          "(FLOPs, memory; the estimates the sizes are calibrated from)")
-    costs.add_argument("--size", choices=SIZES, default=None, help="default: $MOE_LITE_SIZE or quick")
+    costs.add_argument("--size", choices=SIZES, default=None,
+                       help="default: $MOE_LITE_SIZE, else gpu on CUDA, else quick")
 
     report = sub.add_parser("report", help="a markdown results page from the JSON files of 'run'")
     report.add_argument("folder", nargs="?", default="results", help="where 'run' wrote its JSON files")
@@ -65,8 +72,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line; returns the exit code (2, with one line on stderr, for a user mistake)."""
-    from .experiments.report import UsageError
-
     try:
         return _main(argv)
     except UsageError as err:
@@ -74,22 +79,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
-def _main(argv: Optional[List[str]]) -> int:
-    from .experiments import EXPERIMENTS, run_experiments
+def _settings(size: Optional[str] = None, device: Optional[str] = None, data: Optional[str] = None) -> Settings:
+    """The one :meth:`Settings.resolve` of this process; a bad value (argument or environment) is a
+    :class:`UsageError`."""
+    try:
+        return Settings.resolve(size=size, device=None if device == "auto" else device, data=data)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
+
+def _main(argv: Optional[List[str]]) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "report":
-        from .experiments.report import write_report
-
         text = write_report(args.folder, args.out, intro=args.intro, figures=args.figures,
                             figure_format=args.figure_format)
         if args.out is None:
             print(text)
         return 0
     if args.command == "costs":
-        from .experiments.costs import size_costs
-
-        rows = size_costs(args.size)
+        rows = size_costs(_settings(size=args.size).size)
         columns = list(rows[0])
         print(" | ".join(columns))
         for row in rows:
@@ -98,11 +106,14 @@ def _main(argv: Optional[List[str]]) -> int:
     if args.command == "list":
         for name, exp in EXPERIMENTS.items():
             print(f"{name:10s} {exp.description}")
+            print(f"{'':10s}   variants: {' | '.join(exp.variants)}")
         return 0
     names = list(EXPERIMENTS) if args.names == ["all"] else args.names
-    # run_experiments checks every argument and the output folder before any training
-    run_experiments(names, size=args.size, out=args.out, data=args.data, seeds=args.seeds,
-                    device=args.device, progress=not args.no_progress, variants=args.variants)
+    settings = _settings(args.size, args.device, args.data)
+    check_device(settings.device)  # e.g. cuda where there is none: a usage error, before any work
+    # run_experiments checks every other argument and the output folder before any training
+    run_experiments(names, out=args.out, seeds=args.seeds, progress=not args.no_progress,
+                    variants=args.variants, settings=settings)
     return 0
 
 

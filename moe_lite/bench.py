@@ -42,15 +42,20 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .experts import DISPATCHES
-from .layers import FFN, MoE
+from .experiments.vimoe import SIZES, vimoe_variant
+from .layers import FFN, MoE, aux_loss
+from .models.vit import ViT, ViTConfig, count_parameters, dense_equivalent
+from .routers import ROUTERS, RouterSpec
 
-__all__ = ["Config", "CONFIGS", "SECTIONS", "MODEL_TARGET", "router_factories", "time_pair", "run",
+__all__ = ["Config", "CONFIGS", "SECTIONS", "MODEL_TARGET", "router_specs", "router_spec", "router_factories",
+           "time_pair", "run",
            "model_pair", "run_model", "main"]
 
 
@@ -79,24 +84,35 @@ MODEL_TARGET = 1.3
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def router_factories(k: int) -> Dict[str, Callable[[], nn.Module]]:
-    """Name -> zero-arg factory for every router of ``moe_lite.routers`` that the benchmark uses.
-
-    Routers missing from the module (or the module itself) are left out.
-    """
-    try:
-        from . import routers
-    except ImportError:  # the routers module is optional for the benchmark
-        return {}
-    wanted = {
-        "TopK": lambda: routers.TopK(k),
-        "Race": lambda: routers.Race(k),
-        "ExpertChoice": lambda: routers.ExpertChoice(k),
+def router_specs(k: int) -> Dict[str, RouterSpec]:
+    """The routers the layer rows time by default: row name -> :class:`~moe_lite.routers.RouterSpec`."""
+    return {
+        "TopK": RouterSpec("topk", k=k),
+        "Race": RouterSpec("race", k=k),
+        "ExpertChoice": RouterSpec("expert_choice", k=k),
         # top-p at init (near-uniform probabilities) would pick most experts; cap it at k so the
         # active FLOPs stay those of the dense baseline
-        "TopP": lambda: routers.TopP(0.5, max_k=k),
+        "TopP": RouterSpec("topp", p=0.5, max_k=k),
     }
-    return {name: f for name, f in wanted.items() if hasattr(routers, name)}
+
+
+def router_spec(name: str, k: int) -> RouterSpec:
+    """The spec of a ``--routers`` name: a default row name (:func:`router_specs`), or any registered
+    router name (:data:`moe_lite.routers.ROUTERS`: its defaults, with ``k`` where it takes one)."""
+    specs = router_specs(k)
+    if name in specs:
+        return specs[name]
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; choose from {list(specs)} or {list(ROUTERS)}")
+    spec = RouterSpec(name)
+    return spec.replace(k=k) if "k" in spec.effective_kwargs else spec
+
+
+def router_factories(k: int, dim: Optional[int] = None, num_experts: Optional[int] = None
+                     ) -> Dict[str, Callable[[], nn.Module]]:
+    """Row name -> zero-arg factory of the default routers (:func:`router_specs`), built with the layer
+    facts they need."""
+    return {name: partial(spec.build, dim, num_experts) for name, spec in router_specs(k).items()}
 
 
 def _sync(device: torch.device) -> None:
@@ -201,7 +217,6 @@ def run(
     print(header, file=out)
     print("-" * len(header), file=out)
     for cfg in configs:
-        factories = router_factories(cfg.k)
         names = _router_names(cfg, routers)
         torch.manual_seed(seed)
         x = torch.randn(cfg.batch, cfg.seq_len, cfg.dim, device=dev, requires_grad=True)
@@ -210,8 +225,9 @@ def run(
         for router_name in names:
             for backend in backends:
                 torch.manual_seed(seed + 1)
-                moe = MoE(cfg.dim, cfg.hidden, cfg.num_experts, factories[router_name](),
-                          activation=activation, dispatch=backend).to(dev)
+                router = router_spec(router_name, cfg.k).build(cfg.dim, cfg.num_experts)
+                moe = MoE(cfg.dim, cfg.hidden, cfg.num_experts, router, activation=activation,
+                          dispatch=backend).to(dev)
                 moe.train()
                 share = None
                 if budget_s is not None:
@@ -252,9 +268,6 @@ def model_pair(size: str = "quick", variant: str = "vimoe-all", seed: int = 0):
     on that experiment's ``size`` model; ``dense_config = dense_equivalent(moe_config)``, the dense
     ViT with the same active parameters for that placement; ``batch`` the size's batch size.
     """
-    from .experiments.vimoe import SIZES, vimoe_variant
-    from .models.vit import ViT, ViTConfig, dense_equivalent
-
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     spec = SIZES[size]
@@ -266,8 +279,6 @@ def model_pair(size: str = "quick", variant: str = "vimoe-all", seed: int = 0):
 
 def _train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
     """One training step as the trainer takes it: cross-entropy + ``aux_loss``, backward, clip, AdamW."""
-    from .layers import aux_loss
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     params = [p for p in model.parameters()]
 
@@ -296,8 +307,6 @@ def run_model(
     Prints the row to ``out`` and returns it as a dict (``params`` and ``active_params`` of both models
     come with it, so the reader sees the dense model is the fair one).
     """
-    from .models.vit import count_parameters
-
     dev = torch.device(device)
     moe_model, dense_model, moe_config, dense_config, batch = model_pair(size, seed=seed)
     moe_model.to(dev).train()
@@ -336,8 +345,12 @@ def run_model(
 
 
 def _router_names(cfg: Config, routers: Optional[Sequence[str]]) -> List[str]:
-    factories = router_factories(cfg.k)
-    return list(factories) if routers is None else [r for r in routers if r in factories]
+    """The routers' row names: the defaults, or the given ones (default row names or registered names)."""
+    if routers is None:
+        return list(router_specs(cfg.k))
+    for name in routers:
+        router_spec(name, cfg.k)  # ValueError for an unknown one
+    return list(routers)
 
 
 def _environment(device: str) -> dict:
@@ -365,7 +378,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--quick", action="store_true", help="few repeats: a smoke test for CI")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows and environment as JSON")
-    parser.add_argument("--routers", default=None, help="comma list (default: TopK,Race,ExpertChoice,TopP)")
+    parser.add_argument("--routers", default=None,
+                        help="comma list of TopK,Race,ExpertChoice,TopP (the default) or registered router names "
+                             "(moe_lite.routers.ROUTERS, e.g. topk,hash)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {BACKENDS}")
     parser.add_argument("--activation", default="gelu", choices=["gelu", "swiglu"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -398,6 +413,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     if bad:
         parser.error(f"unknown backends {bad}; choose from {BACKENDS}")
     routers = [r for r in args.routers.split(",") if r] if args.routers else None
+    for name in routers or ():
+        try:
+            router_spec(name, 2)
+        except ValueError as err:
+            parser.error(f"--routers: {err}")
     env = _environment(device)
     env["clock"] = args.clock
     print(
@@ -418,15 +438,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     rows: List[dict] = []
     model_row = None
     if "layers" in sections:
-        if not router_factories(2):
-            print("moe_lite.routers is not available: no layer rows")
-        else:
-            # the model row is one row of many: it gets a share like two layer rows
-            share = budget * (1.0 - 2.0 / (2 + len(CONFIGS) * len(backends) * 4)) if "model" in sections else budget
-            rows = run(repeats=repeats, warmup=warmup, device=device, routers=routers, backends=backends,
-                       activation=args.activation, budget_s=share, clock=args.clock)
-            for row in rows:
-                row["section"] = "layers"
+        # the model row is one row of many: it gets a share like two layer rows
+        share = budget * (1.0 - 2.0 / (2 + len(CONFIGS) * len(backends) * 4)) if "model" in sections else budget
+        rows = run(repeats=repeats, warmup=warmup, device=device, routers=routers, backends=backends,
+                   activation=args.activation, budget_s=share, clock=args.clock)
+        for row in rows:
+            row["section"] = "layers"
     if "model" in sections:
         left = max(0.0, budget - (time.perf_counter() - start))
         try:

@@ -2,19 +2,27 @@
 
 Sources, tried in this order (the first one that exists wins):
 
-1. **path**: ``root=`` or the environment variable ``MOE_LITE_DATA`` (the value ``embedded`` forces
-   the embedded subset instead, e.g. ``MOE_LITE_DATA=embedded jupyter lab`` to match
+1. **path**: ``root=`` (or the ``data_root`` of the :class:`~moe_lite.settings.Settings` passed as
+   ``settings=``, from the environment variable ``MOE_LITE_DATA``, whose value ``embedded`` instead
+   forces the embedded subset, e.g. ``MOE_LITE_DATA=embedded jupyter lab`` to match
    ``python -m moe_lite run ... --data embedded``). A folder of IDX files
    (gzipped or raw, directly or in torchvision's ``<root>/FashionMNIST/raw/``) or a subset
    ``.npz``. A named path that is missing or lacks the files is an error, never skipped.
 2. **local copy**: a full copy on this machine: torchvision's layout under the repository's
-   ``data/`` (or the user cache), then Debian's package ``dataset-fashion-mnist`` at
+   ``data/`` (or the cache root), then Debian's package ``dataset-fashion-mnist`` at
    ``/usr/share/datasets/fashion-mnist/`` (source ``"debian package"``).
 3. **torchvision download**: when ``download=True``, or ``download=None`` and the mirror answers
-   within 1.5 s. ``MOE_LITE_OFFLINE=1`` turns downloading off. A failed download falls back to 4
+   within 1.5 s. ``offline=True`` (``MOE_LITE_OFFLINE=1`` in the settings) turns downloading off.
+   A failed download falls back to 4
    with a note.
 4. **embedded subset**: ``data/fashion_mnist_subset.npz`` (1,000 train / 200 test images per class,
    a stratified subset of the official splits made by ``data/make_subset.py``).
+
+The experiments and notebooks load through a :class:`~moe_lite.settings.Settings`, whose size picks
+the data when nothing else does (``Settings.data_source``): the embedded subset at smoke and quick
+size, on every machine (the published results, stored outputs and shipped trained models were made on
+it), and the order above at gpu and full size. ``MOE_LITE_DATA=full`` or ``--data full`` asks for a
+full copy at any size.
 
 A file that is corrupt or truncated raises :class:`DataError` naming the file, wherever it was
 found: a broken copy is never skipped in favour of the next source.
@@ -41,6 +49,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+
+from .settings import ENV_DATA, ENV_OFFLINE, Settings, default_cache_root
 
 __all__ = [
     "CLASS_NAMES",
@@ -88,8 +98,7 @@ SOURCE_EMBEDDED = "embedded subset"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 SUBSET_FILE = "fashion_mnist_subset.npz"
 SUBSET_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
-ENV_PATH = "MOE_LITE_DATA"
-ENV_OFFLINE = "MOE_LITE_OFFLINE"
+ENV_PATH = ENV_DATA  # the variables are read by moe_lite.settings; their names here for messages
 MIRROR = ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80)  # torchvision's mirror
 ONLINE_TIMEOUT_S = 1.5
 
@@ -322,17 +331,17 @@ def subset_path() -> Path:
     return repo_data_dir() / SUBSET_FILE
 
 
-def cache_dir() -> Path:
-    """The user cache for downloads when the repository's ``data/`` is not writable."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "moe_lite"
+def cache_dir(cache_root: Path | None = None) -> Path:
+    """Where downloads go when the repository's ``data/`` is not writable: the cache root
+    (``Settings.cache_root``; default ``~/.cache/moe_lite``)."""
+    return Path(cache_root) if cache_root is not None else default_cache_root()
 
 
-def _local_candidates() -> list[tuple[str, Path]]:
+def _local_candidates(cache_root: Path | None = None) -> list[tuple[str, Path]]:
     """Full local copies, searched in order: (source name, folder)."""
     return [
         (SOURCE_LOCAL, repo_data_dir() / "FashionMNIST" / "raw"),
-        (SOURCE_LOCAL, cache_dir() / "FashionMNIST" / "raw"),
+        (SOURCE_LOCAL, cache_dir(cache_root) / "FashionMNIST" / "raw"),
         (SOURCE_DEBIAN, DEBIAN_DIR),
     ]
 
@@ -375,21 +384,18 @@ def _online(timeout: float = ONLINE_TIMEOUT_S) -> bool:
     return bool(result and result[0])
 
 
-def _offline_env() -> bool:
-    return os.environ.get(ENV_OFFLINE, "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _download_root() -> Path:
+def _download_root(cache_root: Path | None = None) -> Path:
     """Where a download goes: the repository's ``data/`` (in a checkout, if writable), else the
-    user cache."""
+    cache root."""
     repo = repo_data_dir()
     if (repo / "make_subset.py").is_file() and os.access(repo, os.W_OK):
         return repo
-    return cache_dir()
+    return cache_dir(cache_root)
 
 
 def _torchvision_download(root: Path) -> Path:
     """Download the full set with torchvision into ``root/FashionMNIST/raw``; return that folder."""
+    # here, not at the top: importing torchvision costs about a second, and only a download needs it
     from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
 
     return _download_with(TorchvisionFashionMNIST, root)
@@ -413,38 +419,44 @@ def _download_with(dataset_cls, root: Path) -> Path:
     return target
 
 
-def _try_download(download: bool | None) -> tuple[Path | None, str]:
+def _try_download(download: bool | None, offline: bool = False,
+                  cache_root: Path | None = None) -> tuple[Path | None, str]:
     """(folder, "") after a successful download, else (None, why not)."""
     if download is False:
         return None, "download=False"
-    if _offline_env():
+    if offline:
         return None, f"{ENV_OFFLINE} is set"
     if download is None and not _online():
         return None, "offline (no answer from the download mirror)"
     try:
-        return _torchvision_download(_download_root()), ""
+        return _torchvision_download(_download_root(cache_root)), ""
     except Exception as err:  # noqa: BLE001 - any download failure falls back, with a note
         return None, f"torchvision download failed: {type(err).__name__}: {err}"
 
 
-def _resolve(root: str | Path | None, source: str, download: bool | None) -> _Found:
+def _resolve(root: str | Path | None, source: str, download: bool | None, offline: bool = False,
+             cache_root: Path | None = None, settings: Settings | None = None) -> _Found:
     """Pick the source, in the documented order."""
     if source not in ("auto", "full", "embedded"):
         raise ValueError(f"source must be 'auto', 'full' or 'embedded', got {source!r}")
+    if settings is not None:
+        if root is not None or source != "auto" or offline or cache_root is not None:
+            raise ValueError("settings= gives root, source, offline and cache_root; pass it or them, not both")
+        if settings.data_source == "embedded":
+            return _embedded()
+        if settings.data_root is not None:
+            return _explicit(settings.data_root, f"settings.data_root, e.g. from {ENV_PATH}")
+        source, offline, cache_root = settings.data_source, settings.offline, settings.cache_root
     if source == "embedded":
         if root is not None:
             raise ValueError("source='embedded' and root= contradict each other; pass one")
         return _embedded()
     if root is not None:
         return _explicit(root, "root argument")
-    if os.environ.get(ENV_PATH, "").strip().lower() == "embedded":
-        return _embedded(note=f"{ENV_PATH}=embedded")  # force the committed subset, e.g. for a notebook server
-    if os.environ.get(ENV_PATH):
-        return _explicit(os.environ[ENV_PATH], f"environment variable {ENV_PATH}")
-    for name, folder in _local_candidates():
+    for name, folder in _local_candidates(cache_root):
         if folder.is_dir() and _has_idx(folder):
             return _Found(name, folder)
-    folder, why = _try_download(download)
+    folder, why = _try_download(download, offline, cache_root)
     if folder is not None:
         return _Found(SOURCE_DOWNLOAD, folder)
     if source == "full":
@@ -513,6 +525,9 @@ def load_fashion_mnist(
     source: Choice = "auto",
     download: bool | None = None,
     verbose: bool = True,
+    offline: bool = False,
+    cache_root: str | Path | None = None,
+    settings: Settings | None = None,
 ) -> FashionMNIST:
     """Load one split of Fashion-MNIST from the best available source (see the module docstring).
 
@@ -520,12 +535,19 @@ def load_fashion_mnist(
         split: ``"train"`` (60,000 images in the full set, 10,000 in the subset) or ``"test"``
             (10,000 / 2,000).
         root: a folder of IDX files (gzipped or raw, or torchvision's ``root/FashionMNIST/raw``)
-            or a subset ``.npz``; overrides ``MOE_LITE_DATA``. Missing or empty -> error.
+            or a subset ``.npz``. Missing or empty -> error.
         source: ``"auto"`` (the order above), ``"full"`` (never the subset: error if no full copy)
             or ``"embedded"`` (always the subset, e.g. for results that match on every machine).
         download: True: download when no local copy exists; None: only if the mirror answers
-            quickly; False: never. ``MOE_LITE_OFFLINE=1`` disables downloads in every case.
+            quickly; False: never. ``offline=True`` disables downloads in every case.
         verbose: print which source was used (and why an earlier one was not).
+        offline: never download (``Settings.offline``, from ``MOE_LITE_OFFLINE=1``).
+        cache_root: the cache root searched for, and receiving, a download (default
+            ``~/.cache/moe_lite``; ``Settings.cache_root``).
+        settings: the resolved :class:`~moe_lite.settings.Settings` (at the edge: the CLI,
+            ``notebook.setup()``), giving ``data_source`` (the committed subset at smoke and quick
+            size unless the settings name other data), ``data_root``, ``offline`` and ``cache_root``
+            instead of ``root``, ``source``, ``offline`` and ``cache_root``.
 
     Returns:
         :class:`FashionMNIST` with images uint8 ``[n, 28, 28]`` and labels long ``[n]``.
@@ -536,7 +558,7 @@ def load_fashion_mnist(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    found = _resolve(root, source, download)
+    found = _resolve(root, source, download, offline, cache_root, settings)
     dataset = _load(found, split)
     if verbose:
         print(_report(found, [dataset]))
@@ -549,10 +571,13 @@ def load_splits(
     source: Choice = "auto",
     download: bool | None = None,
     verbose: bool = True,
+    offline: bool = False,
+    cache_root: str | Path | None = None,
+    settings: Settings | None = None,
 ) -> tuple[FashionMNIST, FashionMNIST]:
     """``(train, test)``, both from the same source (resolved once); arguments as
     :func:`load_fashion_mnist`."""
-    found = _resolve(root, source, download)
+    found = _resolve(root, source, download, offline, cache_root, settings)
     train, test = _load(found, "train"), _load(found, "test")
     if verbose:
         print(_report(found, [train, test]))

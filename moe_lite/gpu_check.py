@@ -29,6 +29,8 @@ and the CUDA parts are skipped; ``--quick-cpu`` runs the rest on the CPU in a fe
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import platform
 import re
@@ -40,6 +42,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from . import bench
+from .data import make_loader
+from .layers import MoE
+from .models.vit import ViT, ViTConfig, vimoe_config
+from .routers import Race
+from .train import ClassificationTask, TrainConfig, fit, load_checkpoint, save_checkpoint
+from .train.device import _amp_dtype
 
 __all__ = ["main", "run_checks", "pytest_counts", "JSON_NAME"]
 
@@ -71,15 +81,11 @@ def _environment(device: torch.device) -> Dict[str, Any]:
 
 
 def _tiny_vimoe(size: str = "smoke"):
-    from .models.vit import ViT, ViTConfig, vimoe_config
-
     base = ViTConfig(dim=32, depth=2, heads=2, mlp_hidden=64) if size == "smoke" else ViTConfig()
     return ViT(vimoe_config(base, num_experts=4, placement="all"))
 
 
 def _loader(n: int, batch: int, seed: int = 0):
-    from .data import make_loader
-
     g = torch.Generator().manual_seed(seed)
     images, labels = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
     return make_loader((images, labels), batch_size=batch, shuffle=False)
@@ -106,8 +112,6 @@ def _pytest_cuda(device: torch.device, left: float, out: Path) -> Dict[str, Any]
 
 
 def _trainer_amp(device: torch.device, left: float, out: Path) -> Dict[str, Any]:
-    from .train import ClassificationTask, TrainConfig, _amp_dtype, fit
-
     torch.manual_seed(0)
     model = _tiny_vimoe()
     config = TrainConfig(max_steps=3, amp="auto", device=str(device), progress=False, warmup_steps=1)
@@ -120,8 +124,6 @@ def _trainer_amp(device: torch.device, left: float, out: Path) -> Dict[str, Any]
 
 
 def _checkpoint(device: torch.device, left: float, out: Path) -> Dict[str, Any]:
-    from .train import load_checkpoint, save_checkpoint
-
     torch.manual_seed(0)
     model = _tiny_vimoe().to(device)
     model.train()
@@ -149,9 +151,6 @@ def _checkpoint(device: torch.device, left: float, out: Path) -> Dict[str, Any]:
 
 
 def _race_batch_independence(device: torch.device, left: float, out: Path) -> Dict[str, Any]:
-    from .layers import MoE
-    from .routers import Race
-
     torch.manual_seed(0)
     moe = MoE(32, 64, 8, Race(2, candidates="BLE")).to(device)
     moe.train()
@@ -169,11 +168,6 @@ def _race_batch_independence(device: torch.device, left: float, out: Path) -> Di
 def _bench(device: torch.device, left: float, out: Path) -> Dict[str, Any]:
     if device.type != "cuda":
         raise _Skip("no CUDA (the CPU figures come from `python -m moe_lite.bench --threads 1`)")
-    import contextlib
-    import io
-
-    from . import bench
-
     text = io.StringIO()
     budget = max(10.0, min(90.0, left / 3))
     with contextlib.redirect_stdout(text):
@@ -202,9 +196,7 @@ def _experiment(name: str, size: str) -> Callable[[torch.device, float, Path], D
 
 
 def _default_size() -> str:
-    from .experiments.core import SIZES
-
-    return "gpu" if "gpu" in SIZES else "quick"
+    return "gpu"  # this check runs on a GPU machine: the size made for a free Colab GPU
 
 
 # ---- runner -------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import ACTIVATIONS, DISPATCHES, Experts, _act
+from .losses import REGISTRY, check_loss_weights
 from .routing import NonFiniteError, Routing
 
 __all__ = [
@@ -212,22 +213,8 @@ class MoELayer(nn.Module):
 
 
 def _loss_weights(losses: Optional[Mapping[str, float]]) -> Dict[str, float]:
-    """Validate ``{name: weight}`` against ``losses.REGISTRY``."""
-    if losses is None:
-        return {}
-    if not isinstance(losses, Mapping):
-        raise ValueError(f"MoE: losses must be a dict {{name: weight}}, got {type(losses).__name__}")
-    from .losses import REGISTRY
-
-    unknown = [name for name in losses if name not in REGISTRY]
-    if unknown:
-        raise ValueError(f"MoE: unknown loss name(s) {unknown}; valid names: {sorted(REGISTRY)}")
-    out = {}
-    for name, w in losses.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"MoE: weight of loss {name!r} must be a finite number, got {w!r}")
-        out[name] = float(w)
-    return out
+    """Validate ``{name: weight}`` (:func:`moe_lite.losses.check_loss_weights`, the one rule)."""
+    return check_loss_weights(losses, "MoE")
 
 
 class MoE(MoELayer):
@@ -316,8 +303,6 @@ class MoE(MoELayer):
     def _losses(self, routing: Routing) -> Dict[str, Tensor]:
         if not self.loss_weights:
             return {}
-        from .losses import REGISTRY
-
         return {name: REGISTRY[name](routing) for name in self.loss_weights}
 
     def extra_repr(self) -> str:

@@ -11,7 +11,9 @@ on the routing's device.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+import math
+from numbers import Real
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +29,7 @@ __all__ = [
     "sequence_balance",
     "per_layer_regression",
     "REGISTRY",
+    "check_loss_weights",
 ]
 
 
@@ -280,3 +283,23 @@ REGISTRY: Dict[str, Callable[[Routing], Tensor]] = {
     "router_similarity": router_similarity,
     "sequence_balance": sequence_balance,
 }
+
+
+def check_loss_weights(weights: Optional[Mapping[str, Any]], who: str) -> Dict[str, float]:
+    """``weights`` (``{loss name: weight}``; None is ``{}``) as ``{name: float}``, checked by the one rule
+    every layer and config uses: a dict, each name a key of :data:`REGISTRY`, each weight a real
+    number (not a bool), finite and ``>= 0`` (a negative weight would reward the imbalance the loss
+    measures; nan or inf poisons training). ``ValueError`` naming ``who`` and the loss otherwise."""
+    if weights is None:
+        return {}
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"{who}: losses must be a dict {{name: weight}}, got {type(weights).__name__}")
+    unknown = [name for name in weights if name not in REGISTRY]
+    if unknown:
+        raise ValueError(f"{who}: unknown loss name(s) {unknown}; valid names: {sorted(REGISTRY)}")
+    out = {}
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"{who}: weight of loss {name!r} must be a finite number >= 0, got {w!r}")
+        out[name] = float(w)
+    return out

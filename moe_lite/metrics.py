@@ -16,7 +16,6 @@ Axis legend: ``n`` / ``m`` images, ``f`` feature width, ``c`` classes.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import data as fmnist
+from .settings import default_cache_root
 from .train import ClassificationTask, TrainConfig, atomic_save, fit, pick_device
 
 __all__ = [
@@ -47,7 +47,6 @@ FD_METRIC = "fd_fmnist_classifier"
 FD_NOTE = ("Fréchet distance on moe_lite's Fashion-MNIST classifier features "
            "(not Inception FID; comparable only between moe_lite runs)")
 CLASSIFIER_VERSION = "fmnist-cnn-v1"  # bump when the architecture or the training recipe changes
-ENV_CACHE = "MOE_LITE_CACHE"
 
 TensorPair = Tuple[Tensor, Tensor]
 Split = Union["fmnist.FashionMNIST", TensorPair]
@@ -139,11 +138,10 @@ def train_feature_classifier(train: Split, test: Optional[Split] = None, *, widt
 
 
 def classifier_cache_dir(cache_dir: Optional[Union[str, Path]] = None) -> Path:
-    """``cache_dir``, else ``$MOE_LITE_CACHE``, else ``~/.cache/moe_lite``."""
+    """``cache_dir`` (pass ``Settings.cache_root``: ``$MOE_LITE_CACHE`` when set), else ``~/.cache/moe_lite``."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    env = os.environ.get(ENV_CACHE)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "moe_lite"
+    return default_cache_root()
 
 
 def _source_name(split: Split) -> str:
@@ -194,7 +192,8 @@ def get_feature_classifier(device: Union[str, torch.device] = "auto", cache_dir:
 
     Args:
         device: where to put it (``"auto"``: cuda, mps, cpu; training also runs there).
-        cache_dir: folder of the cache file; default ``$MOE_LITE_CACHE`` or ``~/.cache/moe_lite``.
+        cache_dir: folder of the cache file: ``Settings.cache_root`` (from ``$MOE_LITE_CACHE``), default
+            ``~/.cache/moe_lite`` (:func:`classifier_cache_dir`).
         data: ``(train, test)``, each a :class:`moe_lite.data.FashionMNIST` or an ``(x, y)`` pair
             (``test`` may be None); default :func:`moe_lite.data.load_splits` (the full set when
             there is one, else the embedded subset).

@@ -13,8 +13,15 @@ Train and eval run the same code except where the method differs: noise (``TopK`
 problem only in training, ``BiasBalanced`` counts its load only in training.
 
 Routers: :class:`TopK`, :class:`Switch`, :class:`ExpertChoice`, :class:`TopP`, :class:`Race`,
-:class:`Hash`, :class:`BalancedAssignment`, :class:`BiasBalanced`, :class:`LearnedThreshold`;
-:func:`make_router` builds one by lowercase name. :class:`Capacity` wraps any router with a
+:class:`Hash`, :class:`BalancedAssignment`, :class:`BiasBalanced`, :class:`LearnedThreshold`,
+:class:`FixedThreshold`. A router is described and built in one place: :data:`ROUTERS` maps each
+lowercase name to its class, and each class declares what it needs from its layer (``needs``), the
+keywords a bare spec builds with (``defaults``) and its tunable :class:`Knob` s (``knobs``);
+:class:`RouterSpec` ``(name, **kwargs)`` is the frozen, serialisable description that configs,
+presets (:data:`PRESETS`, DiT's routing names), the explorer and the bench take, and
+``spec.build(dim, num_experts)`` builds a fresh router. Adding a router = one class here, one line
+in the registry (or :func:`register`), and its tests. :func:`make_router` builds one by name.
+:class:`Capacity` wraps any router with a
 per-expert capacity (dropping), :class:`NullExperts` adds zero-compute null experts (AdaMoE);
 ``TopK`` and ``BiasBalanced`` take group-limited routing (``groups``, ``top_groups``);
 ``ExpertChoice`` takes its capacity factor and per-sample or per-batch groups. Cosine routing
@@ -22,10 +29,12 @@ per-expert capacity (dropping), :class:`NullExperts` adds zero-compute null expe
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +54,18 @@ __all__ = [
     "BiasBalanced",
     "LearnedThreshold",
     "InferenceThreshold",
+    "FixedThreshold",
     "Capacity",
     "NullExperts",
+    "Knob",
+    "CAPACITY_KNOB",
+    "RouterSpec",
+    "router_class",
     "ROUTERS",
+    "PRESETS",
+    "LAYER_FACTS",
+    "register",
+    "unregister",
     "make_router",
     "balanced_assignment",
     "check_logits",
@@ -321,6 +339,63 @@ def _group_limit(select: Tensor, groups: int, top_groups: int) -> Tensor:
     return select.masked_fill(~keep.repeat_interleave(size, dim=-1), float("-inf"))
 
 
+# ---- declarations: knobs ----------------------------------------------------------------------
+#: what a layer can tell a router when it builds one (:meth:`RouterSpec.build`): its input width and E.
+LAYER_FACTS = ("dim", "num_experts")
+PHASES = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A tunable setting a router declares (explorer sliders, sweeps, docs read it).
+
+    Attributes:
+        name: the constructor keyword; a knob that is not a constructor keyword is moved on a built
+            router with ``router.set_inference_threshold(value)`` (Race's eval threshold).
+        low, high: its range; ``"E"`` stands for the number of experts, ``"groups"`` for the value
+            of the ``groups`` knob, ``None`` for the range of the scores (known only from data).
+        step: a slider step (``None``: continuous, or a set of choices the caller derives).
+        default: a starting value.
+        inference: True when it can move after training (at inference) without retraining.
+        phase: ``"train"`` or ``"eval"`` when the router reads it in that phase only; None = both.
+        off: a value meaning "not applied" (the router is built without the knob), or None.
+        label: a short human label.
+    """
+
+    name: str
+    low: Any = None
+    high: Any = None
+    step: Optional[float] = None
+    default: Any = None
+    inference: bool = False
+    phase: Optional[str] = None
+    off: Any = None
+    label: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"Knob.name must be a Python identifier, got {self.name!r}")
+        if self.phase is not None and self.phase not in PHASES:
+            raise ValueError(f"Knob.phase must be None or one of {PHASES}, got {self.phase!r}")
+
+    @property
+    def title(self) -> str:
+        """``label``, or the name."""
+        return self.label or self.name
+
+    def applies(self, phase: str) -> bool:
+        """Whether a router reads this knob in ``phase`` (``"train"`` / ``"eval"``)."""
+        return self.phase is None or self.phase == phase
+
+
+# the knobs several routers share (one slider per name in the explorer)
+_K = Knob("k", 1, "E", 1, 2, label="k")
+_GROUPS = Knob("groups", 1, "E", None, 1, off=1, label="groups")
+_TOP_GROUPS = Knob("top_groups", 1, "groups", 1, 1, label="top groups")
+#: the capacity factor (Switch's own; :class:`Capacity` wraps any other router with it); 0 = off
+CAPACITY_KNOB = Knob("capacity_factor", 0.0, 4.0, 0.25, 1.25, off=0.0, label="capacity factor (0 = off)")
+
+
 # ---- base -------------------------------------------------------------------------------------
 class Router(nn.Module):
     """Base router: validates logits, then :meth:`route` decides.
@@ -328,7 +403,28 @@ class Router(nn.Module):
     ``forward(logits [B, L, E], x=None [B, L, D], key=None [B, L] or [L]) -> Routing``.
     ``x`` is only read by routers with input-dependent parameters (learned noise, learned
     threshold); ``key`` only by :class:`Hash`.
+
+    Every router class declares (class attributes, read by :class:`RouterSpec`, the configs, the
+    explorer and the bench):
+
+    * ``needs``: the layer facts (:data:`LAYER_FACTS`: ``"dim"``, ``"num_experts"``) its
+      constructor must get; :meth:`RouterSpec.build` passes them (:meth:`needs_for` when it depends
+      on the other keywords).
+    * ``defaults``: the keywords a bare ``RouterSpec(name)`` builds with (e.g. ``k=2``); a spec
+      that gives keywords builds with exactly those.
+    * ``knobs``: its tunable :class:`Knob` s.
+    * ``explorable``: offered by the router explorer (which builds it from logits alone).
     """
+
+    needs: ClassVar[Tuple[str, ...]] = ()
+    defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    knobs: ClassVar[Tuple[Knob, ...]] = ()
+    explorable: ClassVar[bool] = True
+
+    @classmethod
+    def needs_for(cls, kwargs: Mapping[str, Any]) -> Tuple[str, ...]:
+        """The layer facts a router built with ``kwargs`` needs (default: :attr:`needs`)."""
+        return cls.needs
 
     def forward(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
         check_logits(logits)
@@ -409,6 +505,14 @@ class TopK(Router):
     Noise is train-only; with noise the noisy logits drive both selection and weights, while
     ``Routing.logits`` keeps the clean logits (for losses). ``Routing.scores`` = gated noisy logits.
     """
+
+    defaults = MappingProxyType({"k": 2})
+    knobs = (_K, _GROUPS, _TOP_GROUPS)
+
+    @classmethod
+    def needs_for(cls, kwargs: Mapping[str, Any]) -> Tuple[str, ...]:
+        """Learned noise needs ``dim`` and ``num_experts`` (its projection); nothing else does."""
+        return LAYER_FACTS if kwargs.get("noise") == "learned" else ()
 
     def __init__(
         self,
@@ -496,6 +600,8 @@ class Switch(Router):
     ``info``: ``capacity`` (int), ``dropped`` (long scalar tensor: number of dropped tokens).
     """
 
+    knobs = (CAPACITY_KNOB,)
+
     def __init__(self, capacity_factor: float = 1.25) -> None:
         super().__init__()
         if not (isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
@@ -533,6 +639,8 @@ class TopP(Router, InferenceThreshold):
     :meth:`set_inference_threshold` or ``router.p = ...``: in (0, 1], checked on every set.
     ``info``: ``p`` (0-d tensor), ``max_k``.
     """
+
+    knobs = (Knob("p", 0.05, 1.0, 0.05, 0.4, inference=True, label="top-p"),)
 
     threshold_optional_in_state_dict = True
 
@@ -606,6 +714,9 @@ class ExpertChoice(Router):
     ``info``: ``capacity`` (tokens per expert per group), ``k``, and ``group`` when ``"batch"``.
     """
 
+    defaults = MappingProxyType({"k": 2})
+    knobs = (_K,)
+
     GROUPS = {"sample": "L", "batch": "BL"}  # group name -> competing axes (see Race's candidates)
 
     def __init__(self, k: Optional[float] = None, gating: str = "softmax",
@@ -673,6 +784,11 @@ class Race(Router, InferenceThreshold):
     ``info``: ``threshold`` (EMA, after this call's update), ``K``, and in training
     ``batch_threshold``.
     """
+
+    defaults = MappingProxyType({"k": 2})
+    # training reads k (the batch top-K); eval selects against the threshold, which moves after training
+    knobs = (Knob("k", 1, "E", 1, 2, phase="train", label="k"),
+             Knob("threshold", None, None, None, None, inference=True, phase="eval", label="eval threshold"))
 
     threshold: Tensor
     initialized: Tensor
@@ -762,6 +878,8 @@ class Hash(Router):
     k = 1 and weight = 1.0. The weights carry NO gradient (nothing is learned); the logits are still
     returned in the Routing for losses and plots. ``Routing.scores`` is the one-hot assignment.
     """
+
+    needs = ("num_experts",)
 
     table: Tensor
 
@@ -1009,6 +1127,10 @@ class BiasBalanced(Router):
     ``num_experts`` must split into ``groups`` and the kept groups hold at least k experts.
     """
 
+    needs = ("num_experts",)
+    defaults = MappingProxyType({"k": 2})
+    knobs = (_K, _GROUPS, _TOP_GROUPS)
+
     bias: Tensor
     load: Tensor
 
@@ -1072,6 +1194,9 @@ class LearnedThreshold(Router):
     ``info``: ``threshold`` (tau ``[B, L]``, detached).
     """
 
+    needs = LAYER_FACTS
+    explorable = False  # it reads the layer input x, which the explorer's logits alone do not give
+
     def __init__(self, dim: int, num_experts: int, max_threshold: Optional[float] = None) -> None:
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
@@ -1102,6 +1227,60 @@ class LearnedThreshold(Router):
         weight = kept / torch.where(total > 0, total, torch.ones_like(total))  # no expert: no division
         info = {"threshold": tau.detach().squeeze(-1)}
         return _routing(logits, mask, weight, probs, info)
+
+
+# ---- fixed probability threshold -------------------------------------------------------------
+class FixedThreshold(Router, InferenceThreshold):
+    """Fixed-threshold routing: every expert whose softmax probability is ``>= threshold``, and at
+    least each token's top one (so no token is left without an expert).
+
+    Probabilities are computed in float32 (whatever the logits' dtype); the weights are the kept
+    probabilities divided by their sum per token (``renormalize``, the scale of
+    ``TopK(k, renormalize=True)``), else the raw probabilities, cast back to the logits' dtype.
+    :class:`~moe_lite.models.adapters.LoRAExperts` routes with it in eval when its
+    ``inference_threshold`` is set. ``threshold`` (in [0, 1]) lives in the float64 buffer
+    ``threshold``; :meth:`set_inference_threshold` moves it. ``info``: ``threshold`` (a float).
+    """
+
+    threshold_optional_in_state_dict = True
+    defaults = MappingProxyType({"threshold": 0.5})
+    knobs = (Knob("threshold", 0.0, 1.0, 0.05, 0.5, inference=True, label="probability threshold"),)
+    # the explorer's "threshold" slider is Race's (a score), and its top-p slider shows the same idea
+    explorable = False
+
+    def __init__(self, threshold: float, renormalize: bool = True) -> None:
+        super().__init__()
+        value = _check_real(threshold, "threshold", 0, 1)
+        self.register_buffer("threshold", torch.tensor(value, dtype=torch.float64))
+        self.renormalize = bool(renormalize)
+
+    @property
+    def inference_threshold(self) -> float:
+        return float(self.threshold)
+
+    @torch.no_grad()
+    def set_inference_threshold(self, value: float) -> None:
+        """Move the threshold (in [0, 1]); the next forward uses it."""
+        self.threshold.fill_(_check_real(value, "threshold", 0, 1))
+
+    def _check_stored_threshold(self, value: float) -> None:
+        _check_real(value, "threshold", 0, 1)
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.inference_threshold}, renormalize={self.renormalize}"
+
+    def route(self, logits: Tensor, x: Optional[Tensor] = None, key: Optional[Tensor] = None) -> Routing:
+        b, l, e = logits.shape
+        threshold = self.inference_threshold
+        probs = logits.float().softmax(-1).reshape(b * l, e)  # [N, E]
+        keep = probs >= threshold
+        keep[torch.arange(b * l, device=logits.device), probs.argmax(-1)] = True  # at least the top one
+        token, expert = keep.nonzero(as_tuple=True)  # token-major order
+        weight = probs[token, expert]  # [A]
+        if self.renormalize:
+            weight = weight / (probs * keep).sum(-1)[token]
+        return Routing(logits=logits, token=token, expert=expert, weight=weight.to(logits.dtype), num_experts=e,
+                       info={"threshold": threshold})
 
 
 # ---- capacity for any router ------------------------------------------------------------------
@@ -1270,8 +1449,8 @@ class NullExperts(Router):
                        scores=scores, info=info)
 
 
-# ---- factory ----------------------------------------------------------------------------------
-ROUTERS = MappingProxyType({
+# ---- registry, specs and presets -------------------------------------------------------------
+_REGISTRY: Dict[str, Type[Router]] = {
     "topk": TopK,
     "switch": Switch,
     "expert_choice": ExpertChoice,
@@ -1281,12 +1460,218 @@ ROUTERS = MappingProxyType({
     "balanced": BalancedAssignment,
     "bias_balanced": BiasBalanced,
     "learned_threshold": LearnedThreshold,
+    "fixed_threshold": FixedThreshold,
+}
+ROUTERS: Mapping[str, Type[Router]] = MappingProxyType(_REGISTRY)
+"""Read-only map: lowercase router name -> class, in the order the explorer offers them. Every list of
+routers (configs, explorer, bench, CLI) derives from it; :func:`register` adds one."""
+
+
+def register(name: str, cls: Optional[Type[Router]] = None) -> Any:
+    """Add router class ``cls`` under ``name`` (also usable as a decorator: ``@register("mine")``).
+
+    ``ValueError`` if the name is taken or not a lowercase identifier, or ``cls`` is not a
+    :class:`Router` subclass with valid declarations.
+    """
+    def add(cls: Type[Router]) -> Type[Router]:
+        if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+            raise ValueError(f"a router name must be a lowercase identifier, got {name!r}")
+        if name in _REGISTRY:
+            raise ValueError(f"router name {name!r} is taken (by {_REGISTRY[name].__name__})")
+        if not (isinstance(cls, type) and issubclass(cls, Router)):
+            raise ValueError(f"register needs a Router subclass, got {cls!r}")
+        bad = [need for need in cls.needs if need not in LAYER_FACTS]
+        if bad:
+            raise ValueError(f"{cls.__name__}.needs names {bad}; a layer gives only {list(LAYER_FACTS)}")
+        _REGISTRY[name] = cls
+        return cls
+
+    return add if cls is None else add(cls)
+
+
+def unregister(name: str) -> None:
+    """Remove a router added with :func:`register` (the built-in ones stay)."""
+    if name in _BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in router and cannot be removed")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown router {name!r}; choose one of {sorted(_REGISTRY)}")
+    del _REGISTRY[name]
+
+
+_BUILT_IN = frozenset(_REGISTRY)
+
+
+def router_class(name: str) -> Type[Router]:
+    """The router class registered as ``name``; ``ValueError`` listing the names otherwise."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown router {name!r}; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def _keywords(cls: Type[Router]) -> Optional[Tuple[str, ...]]:
+    """The constructor keywords of ``cls`` (None: it takes any, through ``**kwargs``)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # less self
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _required(cls: Type[Router]) -> Tuple[str, ...]:
+    """The constructor parameters of ``cls`` that have no default."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return tuple(p.name for p in params if p.default is inspect.Parameter.empty
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+class RouterSpec:
+    """A router described by name and keywords: frozen, hashable, comparable, serialisable.
+
+    ``RouterSpec("topk", k=2)``; ``RouterSpec("topk")`` builds with the class's ``defaults``
+    (``k=2``). The name must be registered (:data:`ROUTERS`) and every keyword one the router's
+    constructor takes (``ValueError`` listing the valid ones otherwise); values are checked by the
+    constructor when :meth:`build` runs. ``spec.build(dim, num_experts)`` makes a fresh router and
+    passes the layer facts the class ``needs``. ``to_dict`` / ``from_dict`` round-trip through JSON
+    (for JSON-able keyword values).
+    """
+
+    __slots__ = ("name", "kwargs")
+    name: str
+    kwargs: Mapping[str, Any]
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        cls = router_class(name)
+        accepted = _keywords(cls)
+        unknown = sorted(k for k in kwargs if accepted is not None and k not in accepted)
+        if unknown:
+            raise ValueError(f"router {name!r} ({cls.__name__}) takes no keyword {', '.join(map(repr, unknown))}; "
+                             f"valid keywords: {list(accepted or ())}")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "kwargs", MappingProxyType(dict(kwargs)))
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"RouterSpec is frozen: use spec.replace({key}=...)")
+
+    def __delattr__(self, key: str) -> None:
+        raise AttributeError("RouterSpec is frozen")
+
+    def __reduce__(self) -> Any:  # pickle / copy: through the constructor (slots, no __dict__)
+        return (_spec_from_dict, ({"name": self.name, "kwargs": dict(self.kwargs)},))
+
+    # -- identity --------------------------------------------------------------------------------
+    def _key(self) -> Tuple[str, Tuple[Tuple[str, Any], ...]]:
+        return self.name, tuple(sorted(self.kwargs.items()))
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, RouterSpec):
+            return NotImplemented
+        return self.name == other.name and dict(self.kwargs) == dict(other.kwargs)
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
+        return f"RouterSpec({self.name!r}{args})"
+
+    # -- reading the declarations ----------------------------------------------------------------
+    @property
+    def router_class(self) -> Type[Router]:
+        return _REGISTRY[self.name]
+
+    @property
+    def effective_kwargs(self) -> Dict[str, Any]:
+        """The keywords :meth:`build` uses before the layer facts: the spec's, or the class
+        ``defaults`` when the spec gives none."""
+        return dict(self.kwargs) if self.kwargs else dict(self.router_class.defaults)
+
+    @property
+    def needs(self) -> Tuple[str, ...]:
+        """The layer facts this spec's router needs (and the spec does not give itself)."""
+        kwargs = self.effective_kwargs
+        return tuple(n for n in self.router_class.needs_for(kwargs) if n not in kwargs)
+
+    @property
+    def knobs(self) -> Tuple[Knob, ...]:
+        return self.router_class.knobs
+
+    def accepts(self, keyword: str) -> bool:
+        """Whether the router's constructor takes ``keyword``."""
+        accepted = _keywords(self.router_class)
+        return accepted is None or keyword in accepted
+
+    # -- making things ---------------------------------------------------------------------------
+    def replace(self, **kwargs: Any) -> "RouterSpec":
+        """A new spec: :attr:`effective_kwargs` updated with ``kwargs``."""
+        return RouterSpec(self.name, **{**self.effective_kwargs, **kwargs})
+
+    def build(self, dim: Optional[int] = None, num_experts: Optional[int] = None) -> Router:
+        """A fresh router (never share one between layers: some keep state in buffers), with the
+        layer facts the class needs (``ValueError`` when one it needs is not given)."""
+        kwargs = self.effective_kwargs
+        facts = {"dim": dim, "num_experts": num_experts}
+        for need in self.needs:
+            if facts[need] is None:
+                raise ValueError(f"router {self.name!r} needs {need} from its layer: "
+                                 f"spec.build(dim=..., num_experts=...) or give it in the spec")
+            kwargs[need] = facts[need]
+        missing = [k for k in _required(self.router_class) if k not in kwargs]
+        if missing:
+            defaults = dict(self.router_class.defaults)
+            raise ValueError(f"{self!r} gives no {', '.join(missing)} (required by {self.router_class.__name__}); "
+                             f"the defaults {defaults} apply only to a spec with no keywords")
+        return self.router_class(**kwargs)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """``{"name": ..., "kwargs": {...}}``."""
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RouterSpec":
+        """Inverse of :meth:`to_dict`; ``ValueError`` on anything else."""
+        if not isinstance(data, Mapping) or set(data) - {"name", "kwargs"} or "name" not in data:
+            raise ValueError(f"a RouterSpec dict is {{'name': str, 'kwargs': dict}}, got {data!r}")
+        kwargs = data.get("kwargs") or {}
+        if not isinstance(kwargs, Mapping):
+            raise ValueError(f"RouterSpec kwargs must be a dict, got {type(kwargs).__name__}")
+        return cls(data["name"], **kwargs)
+
+    @classmethod
+    def from_fields(cls, name: str, kwargs: Optional[Mapping[str, Any]]) -> "RouterSpec":
+        """From a config's ``router`` name and ``router_kwargs`` (None: the defaults)."""
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise ValueError(f"router_kwargs must be a dict, got {type(kwargs).__name__}")
+        return cls(name, **(kwargs or {}))
+
+    def to_fields(self) -> Tuple[str, Optional[Dict[str, Any]]]:
+        """``(router name, router_kwargs)`` as configs store them (no keywords: None)."""
+        return self.name, (dict(self.kwargs) if self.kwargs else None)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "RouterSpec":
+        """The named preset (:data:`PRESETS`), updated with ``overrides``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown router preset {name!r}; choose one of {list(PRESETS)}")
+        return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+def _spec_from_dict(data: Mapping[str, Any]) -> RouterSpec:
+    return RouterSpec.from_dict(data)
+
+
+PRESETS: Mapping[str, RouterSpec] = MappingProxyType({
+    # the Expert Race paper's routing names (DiT's ``moe_routing``); DiT adds k, gating and Race's EMA
+    "token_choice": RouterSpec("topk", renormalize=False),
+    "expert_choice": RouterSpec("expert_choice"),
+    "race": RouterSpec("race", candidates="BLE"),
+    "bl": RouterSpec("race", candidates="BL"),
+    "be": RouterSpec("race", candidates="BE"),
+    "le": RouterSpec("race", candidates="LE"),
 })
-"""Read-only map: lowercase router name -> class (for notebooks and the CLI)."""
+"""Named router presets: name -> :class:`RouterSpec` (:meth:`RouterSpec.preset`)."""
 
 
 def make_router(name: str, **kwargs: Any) -> Router:
-    """Build a router by lowercase name (see :data:`ROUTERS`), e.g. ``make_router("topk", k=2)``."""
-    if not isinstance(name, str) or name not in ROUTERS:
-        raise ValueError(f"unknown router {name!r}; choose one of {sorted(ROUTERS)}")
-    return ROUTERS[name](**kwargs)
+    """Build a router by lowercase name (see :data:`ROUTERS`), e.g. ``make_router("topk", k=2)``:
+    ``RouterSpec(name, **kwargs).build()`` (no keywords: the class defaults; layer facts it needs
+    must be given, e.g. ``make_router("hash", num_experts=8)``)."""
+    return RouterSpec(name, **kwargs).build()

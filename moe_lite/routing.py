@@ -187,11 +187,13 @@ def max_violation(tokens_per_expert: Tensor) -> float:
 
 
 def combination_usage(mask: Tensor, coverage: float = 0.95) -> float:
-    """Combination usage in percent (Expert Race paper, Fig. 13).
+    """Combination usage in percent, as the Expert Race paper's pseudocode computes it (Fig. 13).
 
     Count, for every unordered expert pair (i < j), the tokens whose selected set holds both;
-    sort the counts descending, normalise, and return the share of all ``E*(E-1)/2`` pairs needed
-    before the cumulative sum reaches ``coverage``. High = many distinct pairs in use.
+    sort the counts descending, normalise, and return the share of all ``E*(E-1)/2`` pairs whose
+    cumulative share is still below ``coverage`` (``100 * (c.cumsum() < 0.95).mean()``): the pair
+    that reaches the line is not counted, so one pair used by every token scores 0, like no
+    co-activation at all. High = many distinct pairs in use.
 
     Args:
         mask: bool ``[N, E]``.
@@ -209,9 +211,9 @@ def combination_usage(mask: Tensor, coverage: float = 0.95) -> float:
     if total <= 0:
         return 0.0
     share = counts.sort(descending=True).values / total
-    # pairs strictly below the coverage line, plus the one that crosses it
-    needed = int((share.cumsum(0) < coverage - 1e-9).sum().item()) + 1
-    return 100.0 * min(needed, counts.numel()) / counts.numel()
+    # the tolerance keeps a cumulative share that is exactly 95% in exact arithmetic from counting
+    below = int((share.cumsum(0) < coverage - 1e-9).sum().item())
+    return 100.0 * below / counts.numel()
 
 
 def router_entropy(routing: Routing) -> Tensor:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import FFN, MoE
+from .models.vit import ViT, ViTConfig, resolve_placement
 
 __all__ = ["upcycle", "upcycled_config", "upcycle_ffn", "load_ffn_", "UPCYCLE_ROUTER_KWARGS"]
 
@@ -130,8 +131,6 @@ def upcycled_config(config: Any, *, num_experts: int, router: Any = "topk",
     ``"last-2"``). ``moe_losses``: None = ``{"load_balance": 1e-2}`` (as :func:`vimoe_config`).
     ``ValueError`` when ``config`` already has MoE blocks or the upcycled widths differ.
     """
-    from .models.vit import ViTConfig, resolve_placement
-
     if not isinstance(config, ViTConfig):
         raise ValueError(f"upcycled_config needs a ViTConfig, got {type(config).__name__}")
     if config.moe_block_indices:
@@ -165,8 +164,6 @@ def upcycle(model: nn.Module, *, num_experts: int, router: Any = "topk",
     has ``model``'s device, dtype and train / eval mode. With the default router (top-2, renormalised)
     and no noise its output equals ``model``'s (see the module docstring for which routers keep that).
     """
-    from .models.vit import ViT
-
     if not isinstance(model, ViT):
         raise ValueError(f"upcycle needs a dense moe_lite ViT, got {type(model).__name__}")
     noise_std = _check_noise(noise_std)

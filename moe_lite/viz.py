@@ -3,8 +3,9 @@
 Every builder is a pure function: it reads tensors, a :class:`~moe_lite.routing.Routing`, or plain
 dicts, and returns a new :class:`plotly.graph_objects.Figure` with a title, axis labels and hover
 text that says what each cell, bar or point is. Nothing is shown or saved here; the widgets in
-:mod:`moe_lite.widgets` wrap these builders, and :func:`figures_to_html` writes them into one
-self-contained HTML report.
+:mod:`moe_lite.widgets` wrap these builders, and :func:`moe_lite.page.figures_to_html` writes them into
+one self-contained HTML report. Routing computations (top experts, per-label counts) live in
+:mod:`moe_lite.inspect`.
 
 Axis legend: b batch, l tokens per sample, e experts, n = b*l flat tokens, c classes or labels.
 
@@ -17,18 +18,17 @@ import html
 import math
 import re
 from numbers import Real
-from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import plotly.graph_objects as go
 import torch
-from plotly.basedatatypes import BaseFigure
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from .analysis import coactivation as _coactivation, load_over_training, top_expert, transition_predictability
+from .analysis import coactivation as _coactivation, load_over_training, transition_predictability
+from .losses import REGISTRY
 from .routing import Routing, load_cv, max_violation
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "tokens_per_expert_bar",
     "experts_per_token_hist",
     "label_expert_heatmap",
-    "primary_expert",
     "patch_expert_overlay",
     "image_grid",
     "training_curves",
@@ -45,7 +44,6 @@ __all__ = [
     "tradeoff_curve",
     "speed_bars",
     "expert_colors",
-    "figures_to_html",
 ]
 
 TEMPLATE = "plotly_white"
@@ -349,15 +347,6 @@ def label_expert_heatmap(by_label_result: Union[Mapping[str, Tensor], ArrayLike]
     return fig
 
 
-def primary_expert(routing: Routing) -> Tensor:
-    """long ``[B, L]``: each token's expert with the largest combine weight, ``-1`` if it has none.
-
-    Handy input for :func:`patch_expert_overlay` when tokens are image patches.
-    """
-    routing = _require_routing(routing)
-    return top_expert(routing).reshape(routing.batch_size, routing.seq_len)
-
-
 def _images_hw(images: Any, name: str = "images") -> np.ndarray:
     """``[B, 1, H, W]`` or ``[B, H, W]`` -> float ``[B, H, W]``."""
     arr = _to_numpy(images, name)
@@ -414,7 +403,7 @@ def patch_expert_overlay(images: Any, patch_experts: Any, patch_size: int, num_e
     Args:
         images: ``[B, 1, H, W]`` or ``[B, H, W]`` (values in [0, 1] are drawn on a fixed scale).
         patch_experts: long ``[B, L]`` expert per patch, row-major, ``-1`` = no expert (left clear);
-            e.g. :func:`primary_expert` of a ViT layer's routing.
+            e.g. :func:`moe_lite.inspect.primary_expert` of a ViT layer's routing.
         patch_size: patch side in pixels; ``L`` must equal ``(H / patch_size) * (W / patch_size)``.
         num_experts: ``E``, for the discrete colour scale (one colour per expert, named on the colourbar).
         ncols: subplots per row. labels / label_names: optional per-image caption.
@@ -520,13 +509,8 @@ def _ordered_keys(records: Iterable[Mapping[str, Any]]) -> List[str]:
 
 def _is_loss_key(key: str) -> bool:
     """Task or auxiliary loss: contains "loss", starts with "aux", or ends with a regularizer's name."""
-    try:
-        from .losses import REGISTRY
-        names = set(REGISTRY)
-    except ImportError:  # losses.py is optional for plotting
-        names = set()
     low = key.lower()
-    return "loss" in low or low.startswith("aux") or re.split(r"[/.]", low)[-1] in names
+    return "loss" in low or low.startswith("aux") or re.split(r"[/.]", low)[-1] in REGISTRY
 
 
 def training_curves(history: Any, x: str = "step", loss_keys: Optional[Sequence[str]] = None,
@@ -636,17 +620,21 @@ def stat_curves(records: Union[Records, Mapping[str, Records]], x: str = "step",
                 ), row=row, col=1)
                 shown = True
     _style(fig, title if fig.data else f"{title} (no data)", height=230 * len(keys) + 80)
-    fig.update_xaxes(title_text=x, row=len(keys), col=1)
+    fig.update_xaxes(title_text=_pretty(x), row=len(keys), col=1)
+    for row, key in enumerate(keys, start=1):
+        fig.update_yaxes(title_text=_pretty(key), row=row, col=1)
     return fig
 
 
 def layer_stat_bars(stats: Mapping[str, Mapping[str, Any]], keys: Union[str, Sequence[str]] = ("experts_per_token",),
-                    title: Optional[str] = None, y_title: Optional[str] = None) -> go.Figure:
-    """Grouped bars of per-layer statistics (e.g. ``moe_lite.routing_stats(model)``).
+                    title: Optional[str] = None, y_title: Optional[str] = None, x_title: str = "layer") -> go.Figure:
+    """Grouped bars of per-layer statistics (e.g. ``moe_lite.routing_stats(model)``), or of any other
+    categories (classes, timestep buckets: say which with ``x_title``).
 
     Args:
-        stats: ``layer name -> {statistic: value}``.
+        stats: ``layer (category) name -> {statistic: value}``; bars keep this order.
         keys: statistics to draw, one ``Bar`` trace each (layers without a key get no bar).
+        x_title: what a bar's category is (axis title and hover).
     """
     if not isinstance(stats, Mapping) or not stats:
         raise ValueError("stats must be a non-empty dict: layer name -> dict of statistics")
@@ -661,10 +649,11 @@ def layer_stat_bars(stats: Mapping[str, Mapping[str, Any]], keys: Union[str, Seq
     for key in keys:
         ys = [_as_float(d[key]) if _is_number(d.get(key)) else None for d in stats.values()]
         fig.add_trace(go.Bar(x=layers, y=ys, name=_pretty(key),
-                             hovertemplate=f"layer %{{x}}<br>{_pretty(key)} %{{y:.4g}}<extra></extra>"))
-    default = f"{_pretty(keys[0])} per layer" if len(keys) == 1 else "Statistics per layer"
-    _style(fig, title or default, "layer", y_title or (_pretty(keys[0]) if len(keys) == 1 else "value"),
+                             hovertemplate=f"{html.escape(x_title)} %{{x}}<br>{_pretty(key)} %{{y:.4g}}<extra></extra>"))
+    default = f"{_pretty(keys[0])} per {x_title}" if len(keys) == 1 else f"Statistics per {x_title}"
+    _style(fig, title or default, x_title, y_title or (_pretty(keys[0]) if len(keys) == 1 else "value"),
            barmode="group", showlegend=len(keys) > 1)
+    fig.update_xaxes(type="category")
     return fig
 
 
@@ -768,7 +757,7 @@ def speed_bars(rows: Records, label_key: Union[str, Sequence[str]] = ("config", 
     return fig
 
 
-# ---- HTML report --------------------------------------------------------------------------------
+# ---- small formatting helper (hover text of speed_bars, widgets' read-outs) ------------------------
 def _fmt(v: Any) -> str:
     """A table cell: floats to 4 significant digits, scalar tensors unwrapped."""
     if isinstance(v, Tensor) and v.numel() == 1:
@@ -776,85 +765,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-def _table_html(data: Any) -> str:
-    """A simple HTML table from a list of dicts, a dict of scalars, or a dict of dicts (rows)."""
-    if isinstance(data, Mapping):
-        if data and all(isinstance(v, Mapping) for v in data.values()):
-            rows = [{"": k, **v} for k, v in data.items()]
-        else:
-            rows = [{"metric": k, "value": v} for k, v in data.items()]
-    else:
-        rows = _check_records(data, "table")
-    cols = _ordered_keys(rows)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in cols) + "</tr>"
-                   for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "figure"
-
-
-_PAGE_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-section { margin-bottom: 2em; }
-"""
-
-
-def figures_to_html(figs: Union[Mapping[str, BaseFigure], Sequence[BaseFigure]], title: str = "moe_lite report",
-                    tables: Optional[Mapping[str, Any]] = None, path: Union[str, Path, None] = None) -> str:
-    """One self-contained HTML page: plotly.js inlined once, then metric tables and figures.
-
-    Args:
-        figs: ``name -> figure`` (section headings) or a list of figures (headed by their titles).
-            ``FigureWidget`` objects are accepted too.
-        title: page title and heading.
-        tables: optional ``name -> table``; a table is a list of dicts (rows), a dict of scalars
-            (metric, value), or a dict of dicts (one row per key, e.g. ``routing_stats``).
-        path: if given, the page is also written there (parent folders created).
-
-    Returns the HTML text. The page needs no network: no CDN, no MathJax.
-    """
-    from plotly.offline import get_plotlyjs
-
-    if isinstance(figs, Mapping):
-        items = [(str(k), f) for k, f in figs.items()]
-    else:
-        items = []
-        for i, f in enumerate(figs):
-            t = getattr(getattr(getattr(f, "layout", None), "title", None), "text", None)
-            items.append((t or f"Figure {i + 1}", f))
-    parts = []
-    used: Dict[str, int] = {}
-    for name, f in items:
-        if not isinstance(f, BaseFigure):
-            raise TypeError(f"figure {name!r} is a {type(f).__name__}, not a plotly figure")
-        slug = _slug(name)
-        used[slug] = used.get(slug, 0) + 1
-        div_id = f"fig-{slug}" if used[slug] == 1 else f"fig-{slug}-{used[slug]}"
-        fig_html = go.Figure(f).to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
-                                        div_id=div_id)
-        parts.append(f'<section><h2>{html.escape(name)}</h2>\n{fig_html}\n</section>')
-    table_parts = [f"<section><h2>{html.escape(str(k))}</h2>\n{_table_html(v)}\n</section>"
-                   for k, v in (tables or {}).items()]
-    page = "\n".join([
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title>", f"<style>{_PAGE_STYLE}</style>",
-        '<script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: "local"};</script>',
-        f'<script type="text/javascript">{get_plotlyjs()}</script>', "</head>", "<body>",
-        f"<h1>{html.escape(title)}</h1>", *table_parts, *parts, "</body>", "</html>",
-    ])
-    if path is not None:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(page, encoding="utf-8")
-    return page
 
 
 # ---- analysis views (moe_lite.analysis) -----------------------------------------------------------

@@ -7,9 +7,10 @@ Two display modes, same API:
 * ``"static"``: where a ``FigureWidget`` cannot render (no anywidget; Colab without its custom widget
   manager), an ``ipywidgets.Output`` into which a plain ``go.Figure`` is redrawn on every change.
 
-The mode is picked by, in order: a ``mode=`` constructor argument; the environment variable
-``MOE_LITE_STATIC_FIGURES`` (``1`` forces static, ``0`` forces the widget, e.g. in Colab after
-``google.colab.output.enable_custom_widget_manager()``); else :func:`can_use_figurewidget`.
+The mode is picked by, in order: a ``mode=`` constructor argument (a notebook passes
+``mode=nb.figure_mode``, which ``notebook.setup()`` resolved from ``Settings.static_figures``, i.e. the
+environment variable ``MOE_LITE_STATIC_FIGURES``: ``1`` forces static, ``0`` forces the widget, e.g. in
+Colab after ``google.colab.output.enable_custom_widget_manager()``); else :func:`can_use_figurewidget`.
 
 Every explorer exposes ``.controls`` (name -> widget), ``.set(**values)`` (sets widget values from
 code, firing the same observers a user would), ``.reset()`` (back to the values it was built with),
@@ -25,11 +26,9 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import sys
 from contextlib import contextmanager
 from numbers import Real
-from types import MappingProxyType
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
 
 import plotly.graph_objects as go
@@ -38,7 +37,9 @@ from plotly.basedatatypes import BaseFigure
 from torch import Tensor
 
 from . import viz
-from .routing import routing_summary
+from .routers import CAPACITY_KNOB, ROUTERS, Capacity, Knob, RouterSpec, make_router
+from .routing import groups_per_token, routing_summary
+from .settings import ENV_STATIC_FIGURES
 
 try:  # ipywidgets is an optional (notebook) dependency; the module still imports without it
     import ipywidgets as widgets
@@ -57,42 +58,55 @@ __all__ = [
     "ThresholdExplorer",
 ]
 
-STATIC_ENV = "MOE_LITE_STATIC_FIGURES"
+STATIC_ENV = ENV_STATIC_FIGURES  # read by moe_lite.settings (Settings.static_figures), never here
 MODES = ("widget", "static")
 
-#: Routers the :class:`RouterExplorer` offers, and the sliders each one reads. ``capacity_factor``
-#: applies to every router: Switch takes it itself, any other router is wrapped in
-#: ``moe_lite.routers.Capacity`` (0 = no capacity limit). ``groups`` / ``top_groups``: group-limited
-#: routing (DeepSeek-V3), for the routers whose constructor takes them.
-ROUTER_KNOBS: Mapping[str, tuple] = MappingProxyType({
-    "topk": ("k", "groups", "top_groups", "capacity_factor"),
-    "switch": ("capacity_factor",),
-    "expert_choice": ("k", "capacity_factor"),
-    "topp": ("p", "capacity_factor"),
-    "race": ("k", "threshold", "capacity_factor"),
-    "hash": ("capacity_factor",),
-    "balanced": ("capacity_factor",),
-    "bias_balanced": ("k", "groups", "top_groups", "capacity_factor"),
-})
-ROUTER_NAMES = tuple(ROUTER_KNOBS)
-#: Knobs a router reads in one phase only: Race trains on its batch top-K (k) and evaluates
-#: against a fixed threshold (threshold), so in each phase the other slider would do nothing.
-_PHASE_KNOBS: Mapping[str, Mapping[str, tuple]] = MappingProxyType({
-    "race": MappingProxyType({"train": ("k", "capacity_factor"), "eval": ("threshold", "capacity_factor")}),
-})
-#: Routers whose constructor needs the number of experts.
-_NEEDS_NUM_EXPERTS = frozenset({"hash", "bias_balanced"})
-#: Knobs the explorer applies itself, not passed to the router's constructor as they are.
-_EXPLORER_KNOBS = frozenset({"threshold", "capacity_factor", "groups", "top_groups"})
+# What the router explorer offers is read off the router classes' declarations
+# (:class:`moe_lite.routers.Router`: ``needs``, ``knobs``, ``explorable``), so a router registered in
+# :data:`moe_lite.routers.ROUTERS` shows up here with its sliders.
+#: the explorer's own controls for these knobs (a groups dropdown of E's divisors, a top_groups slider
+#: kept in its valid range, a threshold slider over the logits' range); any other knob gets a slider
+#: built from its declaration
+_BUILT_IN_KNOBS = ("k", "p", "capacity_factor", "groups", "top_groups", "threshold")
+_GROUP_KNOBS = ("groups", "top_groups")
+
+
+def router_names() -> tuple:
+    """The routers the :class:`RouterExplorer` offers: every registered router it can build from logits
+    alone (``explorable``, not needing the layer width), in registry order. (``ROUTER_NAMES`` reads it.)"""
+    return tuple(name for name, cls in ROUTERS.items() if cls.explorable and "dim" not in cls.needs)
+
+
+def __getattr__(name: str) -> Any:  # ROUTER_NAMES stays importable, and follows the registry
+    if name == "ROUTER_NAMES":
+        return router_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def router_knobs(router: str) -> tuple:
+    """The :class:`~moe_lite.routers.Knob` s the explorer shows for ``router``: its declared knobs, then
+    the capacity factor unless it takes one itself (any other router is wrapped in
+    :class:`~moe_lite.routers.Capacity`; 0 = no limit)."""
+    if router not in router_names():
+        raise ValueError(f"unknown router {router!r}; choose from {router_names()}")
+    knobs = tuple(ROUTERS[router].knobs)
+    if not _takes_capacity(router):
+        knobs += (CAPACITY_KNOB,)
+    return knobs
+
+
+def _takes_capacity(router: str) -> bool:
+    """Whether ``router`` declares the capacity factor itself (Switch), instead of a Capacity wrapper."""
+    return any(knob.name == CAPACITY_KNOB.name for knob in ROUTERS[router].knobs)
 
 
 def applicable_knobs(router: str, phase: str) -> tuple:
-    """The sliders ``router`` reads in ``phase`` (``"train"``/``"eval"``); the explorer disables the rest."""
-    if router not in ROUTER_KNOBS:
-        raise ValueError(f"unknown router {router!r}; choose from {ROUTER_NAMES}")
+    """The sliders ``router`` reads in ``phase`` (``"train"``/``"eval"``); the explorer disables the rest.
+    A knob declared for one phase (Race: ``k`` in training, its ``threshold`` in eval) applies there only."""
+    knobs = router_knobs(router)
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
-    return _PHASE_KNOBS.get(router, {}).get(phase, ROUTER_KNOBS[router])
+    return tuple(knob.name for knob in knobs if knob.applies(phase))
 
 
 # ---- mode selection -----------------------------------------------------------------------------
@@ -101,14 +115,9 @@ def _require_ipywidgets() -> None:
         raise ImportError("moe_lite.widgets needs ipywidgets: pip install 'moe_lite[notebooks]'")
 
 
-def _env_mode() -> Optional[str]:
-    """``"static"`` / ``"widget"`` when ``MOE_LITE_STATIC_FIGURES`` forces one, else None."""
-    value = os.environ.get(STATIC_ENV, "").strip().lower()
-    if value in ("1", "true", "yes", "on", "static"):
-        return "static"
-    if value in ("0", "false", "no", "off", "widget"):
-        return "widget"
-    return None
+def _forced_mode(static: Optional[bool]) -> Optional[str]:
+    """``"static"`` / ``"widget"`` when ``static`` (``Settings.static_figures``) forces one, else None."""
+    return None if static is None else "static" if static else "widget"
 
 
 def _figurewidget_works() -> bool:
@@ -123,14 +132,14 @@ def _figurewidget_works() -> bool:
     return True
 
 
-def can_use_figurewidget() -> bool:
+def can_use_figurewidget(static: Optional[bool] = None) -> bool:
     """Whether live ``FigureWidget`` plots should be used here.
 
-    False when ``MOE_LITE_STATIC_FIGURES=1``; in Colab unless ``MOE_LITE_STATIC_FIGURES=0`` (Colab
-    renders a FigureWidget only with its custom widget manager enabled); and wherever creating a
-    ``go.FigureWidget`` fails (anywidget or ipywidgets missing).
+    ``static``: ``Settings.static_figures`` (``MOE_LITE_STATIC_FIGURES``). False when ``static`` is
+    True; in Colab unless ``static`` is False (Colab renders a FigureWidget only with its custom widget
+    manager enabled); and wherever creating a ``go.FigureWidget`` fails (anywidget or ipywidgets missing).
     """
-    forced = _env_mode()
+    forced = _forced_mode(static)
     if forced == "static":
         return False
     if forced is None and "google.colab" in sys.modules:
@@ -138,14 +147,15 @@ def can_use_figurewidget() -> bool:
     return _figurewidget_works()
 
 
-def resolve_mode(mode: Optional[str] = None) -> str:
-    """The display mode to use: an explicit ``mode`` wins, else :func:`can_use_figurewidget`.
+def resolve_mode(mode: Optional[str] = None, static: Optional[bool] = None) -> str:
+    """The display mode to use: an explicit ``mode`` wins, else :func:`can_use_figurewidget` (given
+    ``static``, ``Settings.static_figures``).
 
     Raises ValueError for an unknown mode and RuntimeError when ``"widget"`` is asked for but a
     ``FigureWidget`` cannot be created.
     """
     if mode is None:
-        return "widget" if can_use_figurewidget() else "static"
+        return "widget" if can_use_figurewidget(static) else "static"
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
     if mode == "widget" and not _figurewidget_works():
@@ -466,12 +476,32 @@ def _describe_routing(result: Mapping[str, Any]) -> str:
             + (f" &middot; groups/token {result['groups_per_token']:.2f}" if "groups_per_token" in result else ""))
 
 
-def _set_eval_threshold(router: Any, value: float) -> None:
-    """Give a Race-style router the eval threshold ``value`` through its ``set_threshold``."""
-    setter = getattr(router, "set_threshold", None)
+def _set_inference_knob(router: Any, knob: Knob, value: Any) -> None:
+    """Move a knob that is not a constructor keyword (Race's eval threshold) on a built router,
+    through ``set_inference_threshold``."""
+    setter = getattr(router, "set_inference_threshold", None)
     if not callable(setter):
-        raise AttributeError(f"{type(router).__name__} has no set_threshold(value) for its eval threshold")
+        raise AttributeError(f"{type(router).__name__} has no set_inference_threshold(value) for its {knob.name}")
     setter(value)
+
+
+def _knob_slider(knob: Knob, e: int, lo: float, hi: float, style: Mapping[str, str]) -> Any:
+    """A slider from a knob's declaration: ``"E"`` is the number of experts, None the logits' range."""
+    def bound(value: Any, data: float) -> Any:
+        if value is None:
+            return data
+        if value == "E":
+            return e
+        if isinstance(value, str):
+            raise ValueError(f"knob {knob.name!r}: the explorer knows the bounds 'E' and None, got {value!r}")
+        return value
+
+    low, high = bound(knob.low, lo), bound(knob.high, hi)
+    value = knob.default if knob.default is not None else low
+    integral = all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high, value, knob.step or 1))
+    step = {} if knob.step is None else {"step": knob.step}
+    slider = widgets.IntSlider if integral else widgets.FloatSlider
+    return slider(value=value, min=low, max=high, description=knob.title, style=style, **step)
 
 
 class RouterExplorer(Explorer):
@@ -480,17 +510,21 @@ class RouterExplorer(Explorer):
     Args:
         logits: float ``[B, L, E]``, e.g. a trained gate's output on a cached batch.
         x: optional ``[B, L, D]`` layer input, passed to routers that use it.
-        routers: router names to offer (default :data:`ROUTER_NAMES`).
+        routers: router names to offer (default :func:`router_names`: every registered router the
+            explorer can build from logits).
         router: initial router; k, p, capacity_factor, groups, top_groups: initial control values
             (``capacity_factor=0``: no capacity limit; ``groups=1``: no group limit).
         max_tokens: rows shown in the heatmap.
         mode: display mode, see :func:`resolve_mode`.
         make_router: router factory ``(name, **kwargs) -> Router`` (default
-            ``moe_lite.routers.make_router``, imported on first use).
+            ``moe_lite.routers.make_router``).
 
     Controls: ``router`` (dropdown), ``phase`` (``"train"``/``"eval"``), ``k``, ``p``,
-    ``capacity_factor``, ``groups``, ``top_groups``, ``threshold`` and ``sample``. Each router reads
-    only its own controls in the chosen phase (:func:`applicable_knobs`; the others are disabled).
+    ``capacity_factor``, ``groups``, ``top_groups``, ``threshold``, a slider for any other knob an
+    offered router declares (:class:`~moe_lite.routers.Knob`), and ``sample``. Ranges and labels come
+    from the routers' knob declarations. Each router reads only its own controls in the chosen phase
+    (:func:`applicable_knobs`; the others are disabled); a knob that is not a constructor keyword
+    (Race's eval threshold) is set on the built router with ``set_inference_threshold``.
     Routers are built fresh on every change with ``moe_lite.routers.make_router`` and put in the
     chosen phase. ``race`` in ``"train"`` picks the batch-level top ``K = round(B*L*k)`` (so it
     needs no history); in ``"eval"`` its threshold is the ``threshold`` slider.
@@ -508,7 +542,7 @@ class RouterExplorer(Explorer):
     :func:`~moe_lite.routing.groups_per_token`).
     """
 
-    def __init__(self, logits: Tensor, x: Optional[Tensor] = None, routers: Sequence[str] = ROUTER_NAMES,
+    def __init__(self, logits: Tensor, x: Optional[Tensor] = None, routers: Optional[Sequence[str]] = None,
                  router: Optional[str] = None, k: int = 2, p: float = 0.5, capacity_factor: float = 0.0,
                  groups: int = 1, top_groups: int = 1, phase: str = "train", max_tokens: Optional[int] = 64, mode: Optional[str] = None,
                  title: Optional[str] = "Router explorer",
@@ -520,9 +554,10 @@ class RouterExplorer(Explorer):
             raise ValueError("logits must be finite")
         if x is not None and (not isinstance(x, Tensor) or x.dim() != 3 or x.shape[:2] != logits.shape[:2]):
             raise ValueError(f"x must be a [B, L, D] tensor matching logits {tuple(logits.shape[:2])}")
-        unknown = [r for r in routers if r not in ROUTER_KNOBS]
+        routers = router_names() if routers is None else tuple(routers)
+        unknown = [r for r in routers if r not in router_names()]
         if unknown or not routers:
-            raise ValueError(f"unknown router(s) {unknown}; choose from {ROUTER_NAMES}")
+            raise ValueError(f"unknown router(s) {unknown}; choose from {router_names()}")
         if phase not in ("train", "eval"):
             raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
         self.logits = logits.detach()
@@ -544,21 +579,34 @@ class RouterExplorer(Explorer):
         default_thr = float(flat[min(flat.numel() - 1, max(0, round(flat.numel() * min(k, e) / e) - 1))])
         step = max((hi - lo) / 200, 1e-6)
         style = {"description_width": "initial"}
+        # each knob name's declaration: the offered routers' first, then any explorable router's
+        knob = {}
+        for name in routers + tuple(r for r in router_names() if r not in routers):
+            for declared in router_knobs(name):
+                knob.setdefault(declared.name, declared)
+        k_knob, p_knob, cap = knob["k"], knob["p"], knob["capacity_factor"]
         controls = {
             "router": widgets.Dropdown(options=list(routers), value=router or routers[0], description="router"),
             "phase": widgets.ToggleButtons(options=["train", "eval"], value=phase, description="phase"),
-            "k": widgets.IntSlider(value=k, min=1, max=e, description="k", style=style),
-            "p": widgets.FloatSlider(value=p, min=0.05, max=1.0, step=0.05, description="top-p", style=style),
-            "capacity_factor": widgets.FloatSlider(value=capacity_factor, min=0.0, max=4.0, step=0.25,
-                                                   description="capacity factor (0 = off)", style=style),
+            "k": widgets.IntSlider(value=k, min=k_knob.low, max=e if k_knob.high == "E" else k_knob.high,
+                                   description=k_knob.title, style=style),
+            "p": widgets.FloatSlider(value=p, min=p_knob.low, max=p_knob.high, step=p_knob.step,
+                                     description=p_knob.title, style=style),
+            "capacity_factor": widgets.FloatSlider(value=capacity_factor, min=cap.low, max=cap.high, step=cap.step,
+                                                   description=cap.title, style=style),
             "groups": widgets.Dropdown(options=[("1 (no limit)" if g == 1 else str(g), g) for g in divisors],
-                                       value=groups, description="groups", style=style),
-            "top_groups": widgets.IntSlider(value=top_groups, min=lowest, max=groups, description="top groups",
-                                            style=style),
+                                       value=groups, description=knob["groups"].title, style=style),
+            "top_groups": widgets.IntSlider(value=top_groups, min=lowest, max=groups,
+                                            description=knob["top_groups"].title, style=style),
             "threshold": widgets.FloatSlider(value=min(max(default_thr, lo), hi), min=lo, max=hi, step=step,
-                                             readout_format=".3f", description="eval threshold", style=style),
-            "sample": widgets.IntSlider(value=0, min=0, max=b - 1, description="sample", disabled=b == 1),
+                                             readout_format=".3f", description=knob["threshold"].title, style=style),
         }
+        offered = {declared.name for name in routers for declared in router_knobs(name)}
+        for name, declared in knob.items():  # the other knobs of the offered routers
+            if name not in controls and name in offered:
+                controls[name] = _knob_slider(declared, e, lo, hi, style)
+        self.knob_names = tuple(name for name in controls if name not in ("router", "phase"))
+        controls["sample"] = widgets.IntSlider(value=0, min=0, max=b - 1, description="sample", disabled=b == 1)
         # before the explorer's own observers, so top_groups is in range when the router is rebuilt
         for name in ("k", "groups"):
             controls[name].observe(lambda change: self._fit_top_groups(controls), names="value")
@@ -583,18 +631,21 @@ class RouterExplorer(Explorer):
         super()._assign({name: v for name, v in values.items() if name not in first})
 
     def _knobs_in_use(self, router: str, phase: str, values: Mapping[str, Any]) -> Dict[str, Any]:
-        """The knob values the routing used: applicable ones, less capacity 0 and groups 1 (off)."""
-        used = {knob: values[knob] for knob in applicable_knobs(router, phase)}
-        if used.get("capacity_factor") == 0:
-            del used["capacity_factor"]
-        if used.get("groups") == 1:
-            del used["groups"], used["top_groups"]
+        """The knob values the routing used: applicable ones, less those at their ``off`` value
+        (capacity 0; groups 1, which takes top_groups with it)."""
+        knobs = [knob for knob in router_knobs(router) if knob.applies(phase)]
+        used = {knob.name: values[knob.name] for knob in knobs}
+        for knob in knobs:
+            if knob.off is not None and used.get(knob.name) == knob.off:
+                del used[knob.name]
+                if knob.name == "groups":
+                    used.pop("top_groups", None)
         return used
 
     def _grey_out(self, change: Any = None) -> None:
         """Disable the controls the selected router does not read in the selected phase."""
         knobs = applicable_knobs(self.controls["router"].value, self.controls["phase"].value)
-        for name in ("k", "p", "capacity_factor", "groups", "top_groups", "threshold"):
+        for name in self.knob_names:
             self.controls[name].disabled = name not in knobs
         if self.controls["groups"].value == 1:  # one group: nothing to keep or drop
             self.controls["top_groups"].disabled = True
@@ -607,29 +658,35 @@ class RouterExplorer(Explorer):
         are passed only when ``groups > 1``, so ``groups=1`` builds exactly the unlimited router.
         """
         e = self.logits.shape[-1]
-        kw = {knob: values[knob] for knob in ROUTER_KNOBS[name] if knob not in _EXPLORER_KNOBS}
-        if name == "switch":
-            kw["capacity_factor"] = values["capacity_factor"] or float(e)
-        if "groups" in ROUTER_KNOBS[name] and values["groups"] > 1:
+        spec = RouterSpec(name)
+        kw: Dict[str, Any] = {}
+        for knob in ROUTERS[name].knobs:
+            if not spec.accepts(knob.name) or knob.name in _GROUP_KNOBS:
+                continue  # set after building (set_inference_threshold), or the groups pair below
+            if knob.name == CAPACITY_KNOB.name:
+                kw[knob.name] = values[knob.name] or float(e)  # off: E, where nothing can drop
+            elif knob.off is None or values[knob.name] != knob.off:
+                kw[knob.name] = values[knob.name]
+        groups = [knob for knob in ROUTERS[name].knobs if knob.name == "groups"]
+        if groups and values["groups"] != groups[0].off:
             kw.update(groups=values["groups"], top_groups=values["top_groups"])
-        if name in _NEEDS_NUM_EXPERTS:
-            kw["num_experts"] = e
+        facts = {"num_experts": e, "dim": None if self.x is None else self.x.shape[-1]}
+        for need in ROUTERS[name].needs_for(kw):
+            if facts[need] is not None:
+                kw[need] = facts[need]
         return kw
 
     def build_router(self, name: str, phase: str, **values: Any) -> Any:
         """A fresh router ``name`` in ``phase``; Race in eval gets the threshold slider's value;
         with ``capacity_factor > 0`` any router but Switch comes wrapped in ``Capacity``."""
-        factory = self.make_router
-        if factory is None:
-            from .routers import make_router as factory  # lazy: this module imports without routers.py
-
+        factory = self.make_router or make_router
         router = factory(name, **self.router_kwargs(name, **values))
         router.train(phase == "train")
-        if name == "race" and phase == "eval":
-            _set_eval_threshold(router, float(values["threshold"]))
-        if name != "switch" and values.get("capacity_factor", 0) > 0:
-            from .routers import Capacity
-
+        spec = RouterSpec(name)
+        for knob in ROUTERS[name].knobs:  # knobs that move on a built router (Race's eval threshold)
+            if knob.applies(phase) and not spec.accepts(knob.name):
+                _set_inference_knob(router, knob, float(values[knob.name]))
+        if not _takes_capacity(name) and values.get("capacity_factor", 0) > 0:
             router = Capacity(router, float(values["capacity_factor"])).train(phase == "train")
         return router
 
@@ -645,8 +702,6 @@ class RouterExplorer(Explorer):
             params["threshold"] = float(params["threshold"])
         extra = {}
         if "groups" in params:
-            from .routing import groups_per_token
-
             extra["groups_per_token"] = float(groups_per_token(routing, params["groups"]).float().mean())
         return {
             "router": router,

@@ -20,8 +20,7 @@ from moe_lite.experiments.core import RunContext
 from moe_lite.experiments.diffusion import SIZES, _classifier, evaluate_samples, training_config, variant_config
 from moe_lite.metrics import real_fd_floor
 from moe_lite.models.dit import RACE_CANDIDATES, DiT, use_ema_threshold
-from moe_lite.models.diffusion import DiffusionTask
-from moe_lite.train import TrainConfig, fit
+from moe_lite.train import DiffusionTask, TrainConfig, fit
 
 
 class WeightEMA:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe_lite.__main__ import main
-from moe_lite.experiments import EXPERIMENTS
+from moe_lite.experiments import EXPERIMENTS, registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_import_moe_lite_reaches_its_public_modules_without_heavy_imports():
         assert moe_lite.routers.TopK and moe_lite.losses.load_balance and moe_lite.routing.Routing
         assert moe_lite.experts.Experts and moe_lite.layers.MoE and moe_lite.models.ViT
         assert moe_lite.train.fit and moe_lite.data.DataError and moe_lite.metrics
-        assert moe_lite.bench and moe_lite.viz.figures_to_html and moe_lite.experiments.EXPERIMENTS
+        assert moe_lite.bench and moe_lite.page.figures_to_html and moe_lite.experiments.EXPERIMENTS
         assert moe_lite.widgets and moe_lite.notebook
         assert {"routers", "losses", "viz", "experiments"} <= set(dir(moe_lite))  # once used
         try:
@@ -112,8 +112,7 @@ def no_training(monkeypatch):
         raise AssertionError("work started before the arguments were checked")
 
     monkeypatch.setattr(RunContext, "splits", started)
-    for exp in EXPERIMENTS.values():
-        monkeypatch.setattr(exp, "fn", started)
+    monkeypatch.setattr(registry, "run", started)  # the one runner of every experiment
 
 
 def smoke_run(tmp_path, *extra):
@@ -152,7 +151,7 @@ def test_run_out_probe_leaves_no_file(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(RunContext, "splits", stop)
-    monkeypatch.setattr(EXPERIMENTS["vimoe"], "fn", stop)
+    monkeypatch.setattr(registry, "run", stop)
     with pytest.raises(KeyboardInterrupt):
         main(smoke_run(tmp_path))
     assert (tmp_path / "results").is_dir() and not list((tmp_path / "results").iterdir())

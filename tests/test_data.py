@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from moe_lite import data as D
+from moe_lite.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_ONLINE = D._online  # before the fixture mocks it
@@ -70,10 +71,9 @@ def load_make_subset():
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
-    """No machine locations, no env vars, no network; a tiny embedded subset in tmp."""
-    monkeypatch.delenv(D.ENV_PATH, raising=False)
-    monkeypatch.setenv(D.ENV_OFFLINE, "1")
-    monkeypatch.setattr(D, "_local_candidates", lambda: [])
+    """No machine locations, no network; a tiny embedded subset in tmp. (The environment is not read
+    here: moe_lite.settings does that, and a test passes settings= or offline= for it.)"""
+    monkeypatch.setattr(D, "_local_candidates", lambda cache_root=None: [])
     monkeypatch.setattr(D, "_online", lambda timeout=1.5: False)
 
     def no_download(root):
@@ -105,15 +105,18 @@ def test_explicit_root_gz_and_raw(tmp_path, gz, capsys):
     assert "from path" in out and str(folder) in out
 
 
-def test_torchvision_layout_and_env(tmp_path, monkeypatch):
+def test_torchvision_layout_and_settings(tmp_path, monkeypatch):
     raw = write_full(tmp_path / "root" / "FashionMNIST" / "raw")
     ds = D.load_fashion_mnist("test", root=tmp_path / "root", verbose=False)
     assert ds.location == str(raw) and len(ds) == 20
-    monkeypatch.setenv(D.ENV_PATH, str(tmp_path / "root"))
-    ds = D.load_fashion_mnist("test", verbose=False)
+    settings = Settings.resolve(size="smoke", environ={D.ENV_PATH: str(tmp_path / "root")})
+    ds = D.load_fashion_mnist("test", settings=settings, verbose=False)
     assert ds.source == "path" and ds.location == str(raw)
-    other = write_full(tmp_path / "other")  # root= wins over the environment
-    assert D.load_fashion_mnist(root=other, verbose=False).location == str(other)
+    # the variable itself is read by Settings.resolve only
+    monkeypatch.setenv(D.ENV_PATH, str(tmp_path / "root"))
+    assert D.load_fashion_mnist("test", verbose=False).source == "embedded subset"
+    with pytest.raises(ValueError, match="not both"):
+        D.load_fashion_mnist(root=write_full(tmp_path / "other"), settings=settings)
 
 
 def test_explicit_npz_path(isolated, monkeypatch):
@@ -128,9 +131,8 @@ def test_named_path_missing_or_empty_is_an_error(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no Fashion-MNIST files"):
         D.load_fashion_mnist(root=tmp_path / "empty")
-    monkeypatch.setenv(D.ENV_PATH, str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="MOE_LITE_DATA"):
-        D.load_fashion_mnist()
+        D.load_fashion_mnist(settings=Settings.resolve(size="smoke", environ={D.ENV_PATH: str(tmp_path / "nope")}))
     half = tmp_path / "half"
     write_split(half, "train", *synthetic_split(1, 0))
     with pytest.raises(D.DataError, match="t10k-images-idx3-ubyte"):
@@ -140,7 +142,7 @@ def test_named_path_missing_or_empty_is_an_error(tmp_path, monkeypatch):
 def test_local_candidates_in_order(tmp_path, monkeypatch):
     local, debian = tmp_path / "local", tmp_path / "debian"
     monkeypatch.setattr(D, "_local_candidates",
-                        lambda: [("local copy", local), ("debian package", debian)])
+                        lambda cache_root=None: [("local copy", local), ("debian package", debian)])
     write_full(debian)
     train, test = D.load_splits(verbose=False)
     assert train.source == test.source == "debian package" and len(test) == 20
@@ -151,7 +153,7 @@ def test_local_candidates_in_order(tmp_path, monkeypatch):
 def test_corrupt_auto_discovered_copy_is_an_error_not_skipped(tmp_path, monkeypatch):
     local, debian = tmp_path / "local", tmp_path / "debian"
     monkeypatch.setattr(D, "_local_candidates",
-                        lambda: [("local copy", local), ("debian package", debian)])
+                        lambda cache_root=None: [("local copy", local), ("debian package", debian)])
     write_full(debian)
     write_full(local)
     bad = local / "train-labels-idx1-ubyte.gz"
@@ -164,7 +166,7 @@ def test_corrupt_auto_discovered_copy_is_an_error_not_skipped(tmp_path, monkeypa
 
 
 def test_embedded_subset_when_nothing_else(isolated, capsys):
-    train, test = D.load_splits()
+    train, test = D.load_splits(offline=True)
     assert train.source == test.source == "embedded subset" and not train.full
     assert train.location == str(isolated)
     assert train.class_counts() == [2] * 10 and test.class_counts() == [1] * 10
@@ -182,8 +184,7 @@ def test_embedded_subset_missing_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_download_failure_falls_back_with_a_note(monkeypatch, tmp_path, capsys):
-    monkeypatch.delenv(D.ENV_OFFLINE)
-    monkeypatch.setattr(D, "_download_root", lambda: tmp_path / "dl")
+    monkeypatch.setattr(D, "_download_root", lambda cache_root=None: tmp_path / "dl")
 
     def fail(root):
         raise RuntimeError("mirror unreachable")
@@ -197,8 +198,7 @@ def test_download_failure_falls_back_with_a_note(monkeypatch, tmp_path, capsys):
 
 
 def test_download_success_and_when_it_is_attempted(monkeypatch, tmp_path):
-    monkeypatch.delenv(D.ENV_OFFLINE)
-    monkeypatch.setattr(D, "_download_root", lambda: tmp_path / "dl")
+    monkeypatch.setattr(D, "_download_root", lambda cache_root=None: tmp_path / "dl")
     calls = []
 
     def fake_download(root):
@@ -213,20 +213,21 @@ def test_download_success_and_when_it_is_attempted(monkeypatch, tmp_path):
     monkeypatch.setattr(D, "_online", lambda timeout=1.5: True)
     assert D.load_fashion_mnist(verbose=False).source == "torchvision download"
     assert D.load_fashion_mnist(download=False, verbose=False).source == "embedded subset"
-    monkeypatch.setenv(D.ENV_OFFLINE, "1")  # the environment switch beats download=True
-    assert D.load_fashion_mnist(download=True, verbose=False).source == "embedded subset"
+    # offline (Settings.offline, from MOE_LITE_OFFLINE=1) beats download=True
+    assert D.load_fashion_mnist(download=True, offline=True, verbose=False).source == "embedded subset"
+    offline = Settings.resolve(size="smoke", environ={"MOE_LITE_OFFLINE": "1"})
+    assert D.load_fashion_mnist(download=True, settings=offline, verbose=False).source == "embedded subset"
     assert len(calls) == 2
 
 
 def test_corrupt_download_is_an_error(monkeypatch, tmp_path):
-    monkeypatch.delenv(D.ENV_OFFLINE)
 
     def bad_download(root):
         raw = write_full(root / "FashionMNIST" / "raw")
         (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8bnot gzip")
         return raw
 
-    monkeypatch.setattr(D, "_download_root", lambda: tmp_path / "dl")
+    monkeypatch.setattr(D, "_download_root", lambda cache_root=None: tmp_path / "dl")
     monkeypatch.setattr(D, "_torchvision_download", bad_download)
     with pytest.raises(D.DataError, match="t10k-labels-idx1-ubyte.gz"):
         D.load_fashion_mnist("test", download=True)
@@ -466,11 +467,12 @@ def test_repr_is_short(tiny):
     assert json.dumps(tiny.class_counts())
 
 
-def test_download_root_is_the_checkout_or_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert D._download_root() == REPO / "data"  # this checkout (data/make_subset.py exists)
+def test_download_root_is_the_checkout_or_the_cache_root(tmp_path, monkeypatch):
+    root = Settings.resolve(size="smoke", environ={"XDG_CACHE_HOME": str(tmp_path / "cache")}).cache_root
+    assert D._download_root(root) == REPO / "data"  # this checkout (data/make_subset.py exists)
     monkeypatch.setattr(D, "repo_data_dir", lambda: tmp_path / "site-packages" / "data")
-    assert D._download_root() == tmp_path / "cache" / "moe_lite"
+    assert D._download_root(root) == tmp_path / "cache" / "moe_lite"
+    assert D._download_root() == Path.home() / ".cache" / "moe_lite"
 
 
 # ---- augmentation -----------------------------------------------------------------------------

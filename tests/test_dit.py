@@ -6,19 +6,18 @@ import io
 import pytest
 import torch
 
+from moe_lite.inspect import inference_threshold, record_routing, timestep_label
 from moe_lite.layers import LinearGate, MLPGate, aux_loss, aux_losses, moe_layers, target_predictions
 from moe_lite.losses import per_layer_regression
 from moe_lite.models import diffusion as D
 from moe_lite.routers import Race
+from moe_lite.train import DiffusionTask
 from moe_lite.models.dit import (
     MOE_ROUTINGS,
-    DiffusionTask,
     DiT,
     DiTConfig,
-    experts_by_timestep,
     race_thresholds,
     sample,
-    set_race_threshold,
     shifted_race_threshold,
     track_experts,
     training_loss,
@@ -246,6 +245,11 @@ def test_diffusion_task_loss_and_evaluate():
 
 
 # ---- sampling -------------------------------------------------------------------------------------
+def a_at(model, labels):
+    """Data-range samples of the unit-range check below (2 steps, seed 0)."""
+    return sample(model, labels, steps=2, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("method", D.SAMPLERS)
 def test_sample_shape_range_and_determinism(method):
     model = make(tiny("race"))
@@ -257,8 +261,15 @@ def test_sample_shape_range_and_determinism(method):
     assert a.shape == (3, 1, 28, 28) and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert model.training  # the mode is restored
-    unit = sample(model, labels, steps=2, generator=torch.Generator().manual_seed(0), unit_range=True)
+    scale = D.PixelScale(0.2860, 0.3530)
+    unit = sample(model, labels, steps=2, generator=torch.Generator().manual_seed(0), unit_range=scale)
     assert unit.min() >= 0 and unit.max() <= 1
+    assert torch.equal(unit, D.to_unit_range(a_at(model, labels), scale))
+    with pytest.raises(ValueError, match="normalisation"):  # the model code knows no dataset
+        sample(model, labels, steps=2, unit_range=True)
+    model.pixel_scale = scale  # what DiT(config, pixel_scale=...) sets
+    assert torch.equal(sample(model, labels, steps=2, generator=torch.Generator().manual_seed(0), unit_range=True),
+                       unit)
     with pytest.raises(ValueError):
         sample(model, torch.tensor([10]))
 
@@ -291,17 +302,19 @@ def test_race_eval_is_batch_independent(routing):
 
 
 # ---- routing analysis -----------------------------------------------------------------------------
-def test_experts_by_timestep_shapes():
+def test_routing_by_timestep_bucket():
     model = make(tiny("race"))
     x, y = batch(5)
-    model(x, torch.tensor([0.05, 0.15, 0.55, 0.95, 1.0]), y)
-    stats = experts_by_timestep(model, num_buckets=10)
+    with record_routing(model, labels={"timestep": timestep_label(10)}) as rec:
+        model(x, torch.tensor([0.05, 0.15, 0.55, 0.95, 1.0]), y)
+    stats = rec.by_label("timestep")
     assert list(stats) == [name for name, _ in moe_layers(model)]
     s = next(iter(stats.values()))
     assert s["counts"].shape == (10, 4) and s["experts_per_token"].shape == (10,)
     assert s["tokens"].tolist() == [49, 49, 0, 0, 0, 49, 0, 0, 0, 98]
     with pytest.raises(ValueError):
-        experts_by_timestep(make(tiny()))
+        with record_routing(make(tiny())):
+            pass
 
 
 def test_track_experts_counts_sampling_compute():
@@ -310,8 +323,8 @@ def test_track_experts_counts_sampling_compute():
         sample(model, torch.tensor([1, 2]), steps=2, method="euler", generator=torch.Generator().manual_seed(0))
     assert usage.experts_per_token == pytest.approx(2.0) and usage.relative_compute == pytest.approx(1.0)
     # 2 Euler steps at t = 1 and 0.5, each one batched guidance forward of 2 * 2 samples * 49 tokens
-    assert usage.tokens[next(iter(usage.tokens))].tolist() == [0, 0, 196, 196]
-    assert usage.by_timestep().shape == (4,)
+    assert next(iter(usage.by_label("timestep").values()))["tokens"].tolist() == [0, 0, 196, 196]
+    assert usage.experts_per_token_by("timestep").shape == (4,)
     assert not any(layer._forward_hooks for _, layer in moe_layers(model))  # hooks removed
 
 
@@ -329,12 +342,12 @@ def test_race_threshold_slider_moves_compute_and_restores():
     low, mid, high = spent(1e3), spent(0.0), spent(-1e3)
     assert low == 0.0 and high == 4.0 and low <= mid <= high
     assert race_thresholds(model) == learned
-    previous = set_race_threshold(model, 0.25, absolute=True)
+    previous = inference_threshold(model, 0.25).previous
     assert previous == learned and set(race_thresholds(model).values()) == {0.25}
-    set_race_threshold(model, previous)
+    inference_threshold(model, previous)
     assert race_thresholds(model) == learned
-    with pytest.raises(ValueError):
-        set_race_threshold(make(tiny("token_choice")), 0.1)
+    with pytest.raises(ValueError, match="DiT has no MoE layer with a movable threshold"):
+        inference_threshold(make(tiny("token_choice")), 0.1)
 
 
 def test_state_dict_roundtrip_gives_identical_eval_outputs():
@@ -364,7 +377,7 @@ def test_ema_threshold_off_routes_by_batch_top_k_and_is_recorded():
     x, y = batch(6)
     t = torch.rand(6)
     # a threshold no score reaches: with it every token gets no expert; without it, exactly k on average
-    set_race_threshold(model, 1e9, absolute=True)
+    inference_threshold(model, 1e9)
     use_ema_threshold(model, False)
     assert model.config.ema_threshold is False
     assert all(not r.eval_threshold for r in model.modules() if isinstance(r, Race))
@@ -380,7 +393,7 @@ def test_ema_threshold_off_routes_by_batch_top_k_and_is_recorded():
     # the config knob builds routers the same way
     built = DiT(tiny("race", ema_threshold=False))
     assert all(not r.eval_threshold for r in built.modules() if isinstance(r, Race))
-    with pytest.raises(ValueError, match="no Race router"):
+    with pytest.raises(ValueError, match="of kind Race"):
         use_ema_threshold(make(tiny("token_choice")), False)
 
 
@@ -399,3 +412,28 @@ def test_race_study_variants_share_training_only_across_the_ema_switch():
         assert set(names) <= set(VARIANTS)
     with pytest.raises(ValueError, match="unknown DiT variant"):
         variant_config("race, relu gating", "smoke")
+
+
+# ---- the Race study's convergence measure (moe_lite.experiments.diffusion) ----------------------------
+def test_smoothed_loss_and_steps_to_reach():
+    from moe_lite.experiments.diffusion import smoothed_loss, steps_to_reach
+
+    steps = [{"step": i + 1, "loss": 99.0, "task_loss": float(10 - i)} for i in range(10)]  # task loss 10..1
+    curve = smoothed_loss(steps, window=2)
+    # the task loss (not the total) averaged over 2 steps, from the 2nd step on
+    assert curve[:3] == [(2, 9.5), (3, 8.5), (4, 7.5)] and curve[-1] == (10, 1.5) and len(curve) == 9
+    assert steps_to_reach(curve, 7.5) == 4 and steps_to_reach(curve, 9.5) == 2
+    assert steps_to_reach(curve, 1.0) is None
+    # a short run averages over a fifth of its steps (here 1), so it still has a curve
+    assert smoothed_loss(steps[:5], window=50) == [(i + 1, float(10 - i)) for i in range(5)]
+
+
+def test_race_study_separates_the_mlp_router_from_per_layer_reg():
+    from moe_lite.experiments.diffusion import STUDY_TABLES, VARIANTS
+
+    ablation = dict(STUDY_TABLES)["Table 3: cumulative ablation"]
+    before, mlp, plr = (VARIANTS[n] for n in ablation[2:5])
+    assert mlp == {**before, "mlp_router": True}  # one change per row
+    assert plr == {**before, "per_layer_reg": True}  # PLR implies the MLP router (its target head)
+    granularity = [VARIANTS[n] for n in dict(STUDY_TABLES)["Table 5: granularity (k-in-E at equal active compute, full recipe)"][1:]]
+    assert [(v.get("k", 2), v.get("num_experts", 8)) for v in granularity] == [(1, 4), (2, 8), (4, 16), (8, 32)]

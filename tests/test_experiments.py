@@ -10,20 +10,23 @@ import torch
 
 from moe_lite.__main__ import main
 from moe_lite.experiments.core import Dataset, mean_std
-from moe_lite.experiments.registry import UnknownVariant, variant_kwargs
+from moe_lite.experiments.registry import EXPERIMENTS, UnknownVariant, check_variants, pairing_of
 
 
 # ---- --variants ------------------------------------------------------------------------------------
-def test_variant_selection_maps_to_each_experiments_keyword():
-    assert variant_kwargs("race", None) == {}
-    assert variant_kwargs("race", ["expert race", "token choice"]) == {"variants": ["expert race", "token choice"]}
-    assert variant_kwargs("zoo", ["top-2"]) == {"routers": ["top-2"]}
-    assert variant_kwargs("balance", ["load balance"]) == {"methods": ["load balance"]}
-    assert variant_kwargs("vimoe-grid", ["dense", "vimoe-all"]) == {"variants": ["dense", "vimoe-all"]}
+def test_every_experiment_selects_its_variants_by_one_keyword():
+    assert EXPERIMENTS["race"].select(None) == list(EXPERIMENTS["race"].variants)
+    assert EXPERIMENTS["dit"].select(None) == ["dense", "token choice", "expert choice", "expert race"]
+    assert EXPERIMENTS["race"].select(["expert race", "token choice"]) == ["expert race", "token choice"]
+    check_variants(["zoo"], ["top-2"])
+    check_variants(["balance"], ["load balance"])
+    check_variants(["adapt"], ["linear probe"])
+    check_variants(["dynamic"], ["top-p", "top-1"])
+    check_variants(["vimoe-grid"], ["dense", "vimoe-all"])
     with pytest.raises(UnknownVariant, match="has no variant"):
-        variant_kwargs("race", ["expert race", "race, relu gating"])
-    with pytest.raises(UnknownVariant, match="takes no --variants"):
-        variant_kwargs("dynamic", ["top-p"])
+        check_variants(["race"], ["expert race", "race, relu gating"])
+    with pytest.raises(UnknownVariant, match="zoo has no variant"):
+        check_variants(["dit", "zoo"], ["dense"])
 
 
 def test_cli_rejects_a_bad_variant_before_training(tmp_path, capsys):
@@ -84,28 +87,20 @@ def test_grid_spread_rows_pair_shared_and_unshared_variants():
 @pytest.fixture(scope="module")
 def smoke_records(tmp_path_factory):
     """A smoke run of every experiment that has summary figures, two seeds (JSON records)."""
-    import os
-
     folder = tmp_path_factory.mktemp("results")
-    old = os.environ.get("MOE_LITE_CACHE")
-    os.environ["MOE_LITE_CACHE"] = str(folder / "cache")
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the CLI (an edge) reads it through Settings.resolve
+        mp.setenv("MOE_LITE_CACHE", str(folder / "cache"))
         assert main(["run", "dynamic", "vimoe-grid", "adapt", "zoo", "balance", "--size", "smoke", "--data",
                      "embedded", "--seeds", "0", "1", "--no-progress", "--out", str(folder)]) == 0
         assert main(["run", "race", "--size", "smoke", "--data", "embedded", "--seeds", "0", "1", "--no-progress",
                      "--variants", "race + per-layer reg", "race, balance loss", "expert race",
                      "--out", str(folder)]) == 0
-    finally:
-        if old is None:
-            os.environ.pop("MOE_LITE_CACHE")
-        else:
-            os.environ["MOE_LITE_CACHE"] = old
     return folder
 
 
 @pytest.mark.slow
 def test_every_study_record_has_figures_and_mean_std_over_seeds(smoke_records):
-    from moe_lite.experiments.figures import record_figures
+    from moe_lite.experiments.registry import record_figures
 
     for name in ("race", "dynamic", "vimoe-grid", "adapt", "zoo", "balance"):
         record = json.loads((smoke_records / f"{name}.json").read_text())
@@ -180,7 +175,7 @@ def test_show_published_picks_tables_by_title(monkeypatch):
               "wall_time_s": 3.0, "config": {"seeds": [0, 1, 2]},
               "tables": {"comparison": [{"router": "top-2", "accuracy": "0.70 ± 0.01"}],
                          "other": [{"x": 1}]}}
-    monkeypatch.setattr(report, "published", lambda name, size="quick": record)
+    monkeypatch.setattr(report, "published", lambda name, size="quick", **_: record)
     text = report.show_published("zoo", ["comp"])
     assert "python -m moe_lite run zoo --size quick --data embedded --seeds 0 1 2" in text
     assert "| top-2 | 0.70 ± 0.01 |" in text and "**other**" not in text
@@ -204,7 +199,7 @@ def test_paired_comparisons_pair_by_seed_id_against_the_baseline():
     # vimoe wins by 0.02 in every seed; stored in another seed order than dense: pairing is by id
     metrics = {"variants": {"dense": _acc([0.80, 0.70, 0.75], [0, 1, 2]),
                             "vimoe": _acc([0.77, 0.82, 0.72], [2, 0, 1])}}
-    title, rows = paired_comparisons("vimoe", metrics, seeds=[0, 1, 2])
+    title, rows = paired_comparisons(pairing_of("vimoe"), metrics, seeds=[0, 1, 2])
     assert title.startswith("paired comparisons against dense")
     (row,) = rows
     assert row["variant"] == "vimoe" and row["metric"] == "accuracy" and row["seeds"] == 3
@@ -213,25 +208,41 @@ def test_paired_comparisons_pair_by_seed_id_against_the_baseline():
     # without stored seed ids the config's order pairs them: the same values now differ by seed
     plain = {"variants": {k: {"accuracy": {key: v["accuracy"][key] for key in ("mean", "std", "n", "values")}}
                           for k, v in metrics["variants"].items()}}
-    assert paired_comparisons("vimoe", plain, seeds=[0, 1, 2])[1][0]["verdict"] == "not separable"
+    assert paired_comparisons(pairing_of("vimoe"), plain, seeds=[0, 1, 2])[1][0]["verdict"] == "not separable"
     # one seed, a missing baseline or an experiment without a pairing: no rows
-    assert paired_comparisons("vimoe", {"variants": {"dense": _acc([0.8], [0]), "vimoe": _acc([0.9], [0])}}, [0])[1] == []
-    assert paired_comparisons("vimoe", {"variants": {"vimoe": _acc([0.8, 0.9], [0, 1])}}, [0, 1])[1] == []
-    assert paired_comparisons("sequence", metrics, [0, 1, 2])[1] == []
+    assert paired_comparisons(pairing_of("vimoe"), {"variants": {"dense": _acc([0.8], [0]), "vimoe": _acc([0.9], [0])}}, [0])[1] == []
+    assert paired_comparisons(pairing_of("vimoe"), {"variants": {"vimoe": _acc([0.8, 0.9], [0, 1])}}, [0, 1])[1] == []
+    assert paired_comparisons(pairing_of("sequence"), metrics, [0, 1, 2])[1] == []
 
 
 def test_paired_comparisons_follow_each_metrics_direction_and_the_grid_cells():
     from moe_lite.experiments.core import paired_comparisons
 
     fd = lambda values: {"fd_fmnist_classifier": mean_std(values, seeds=[0, 1, 2])}  # noqa: E731
-    _, rows = paired_comparisons("race", {"dense": fd([39.0, 45.6, 35.0]), "expert race": fd([36.0, 42.0, 31.0]),
+    _, rows = paired_comparisons(pairing_of("race"), {"dense": fd([39.0, 45.6, 35.0]), "expert race": fd([36.0, 42.0, 31.0]),
                                           "real_fd_floor": {"mean": 3.0}, "curves": {}}, [0, 1, 2])
     assert [(r["variant"], r["better"], r["verdict"]) for r in rows] == [("expert race", "lower", "expert race better")]
     cells = {"cells": {"8": {"train_images": 80, "dense": _acc([0.5, 0.6], [0, 1]), "vimoe": _acc([0.4, 0.5], [0, 1])},
                        "all": {"train_images": 800, "dense": _acc([0.7, 0.8], [0, 1]),
                                "vimoe": _acc([0.71, 0.8], [0, 1])}}}
-    _, rows = paired_comparisons("vimoe-grid", cells, [0, 1])
+    _, rows = paired_comparisons(pairing_of("vimoe-grid"), cells, [0, 1])
     assert [(r["train images"], r["verdict"]) for r in rows] == [("80", "dense better"), ("800", "not separable")]
+
+
+def test_dynamic_compares_top_p_with_both_top_1_and_top_2():
+    from moe_lite.experiments.core import paired_comparisons
+
+    acc = lambda values: _acc(values, [0, 1, 2])  # noqa: E731
+    metrics = {"top-p": acc([0.80, 0.81, 0.82]), "top-1": acc([0.70, 0.72, 0.71]), "top-2": acc([0.79, 0.80, 0.81])}
+    title, rows = paired_comparisons(pairing_of("dynamic"), metrics, [0, 1, 2])
+    assert title.startswith("paired comparisons against top-2, top-1 (")
+    pairs = [(r["variant"], r["baseline"]) for r in rows if r["metric"] == "accuracy"]
+    # every pair once: top-1 against top-2, and top-p against both
+    assert pairs == [("top-p", "top-2"), ("top-1", "top-2"), ("top-p", "top-1")]
+    # a record without top-1 (published before it trained) is titled and compared as before
+    del metrics["top-1"]
+    title, rows = paired_comparisons(pairing_of("dynamic"), metrics, [0, 1, 2])
+    assert title.startswith("paired comparisons against top-2 (") and {r["baseline"] for r in rows} == {"top-2"}
 
 
 def test_result_json_records_provenance_without_the_host_name(tmp_path):

@@ -624,3 +624,36 @@ def test_per_layer_regression_errors():
         per_layer_regression([torch.zeros(6, 4)], torch.zeros(6, 4))
     with pytest.raises(ValueError, match="sequence"):
         per_layer_regression(torch.zeros(2, 3, 4), target)
+
+
+# ---- loss weights: one rule for every layer and config ------------------------------------------------
+def test_check_loss_weights_one_rule():
+    from moe_lite.losses import REGISTRY, check_loss_weights
+
+    assert check_loss_weights(None, "X") == {}
+    assert check_loss_weights({"z_loss": 1, "load_balance": 0.0}, "X") == {"z_loss": 1.0, "load_balance": 0.0}
+    assert all(type(w) is float for w in check_loss_weights({n: 1 for n in REGISTRY}, "X").values())
+    with pytest.raises(ValueError, match=r"X: unknown loss name\(s\) \['balance'\].*load_balance"):
+        check_loss_weights({"balance": 1.0}, "X")
+    with pytest.raises(ValueError, match="X: losses must be a dict"):
+        check_loss_weights(["z_loss"], "X")
+    for bad in (-0.1, float("nan"), float("inf"), True, "1", None):
+        with pytest.raises(ValueError, match=r"X: weight of loss 'z_loss' must be a finite number >= 0"):
+            check_loss_weights({"z_loss": bad}, "X")
+
+
+def test_every_layer_and_config_applies_the_same_rule():
+    """The MoE layer, ViTConfig (and LMConfig through the same check) and DiTConfig refuse the same
+    weights: before, the layer took negative weights and ViTConfig took nan."""
+    from moe_lite.layers import MoE
+    from moe_lite.models.dit import DiTConfig
+    from moe_lite.models.vit import ViTConfig
+    from moe_lite.routers import TopK
+
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            MoE(8, 16, 4, TopK(2), losses={"load_balance": bad})
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            ViTConfig(moe_layers="all", moe_losses={"load_balance": bad})
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            DiTConfig(balance_weight=bad)

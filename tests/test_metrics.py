@@ -150,8 +150,7 @@ def tiny_data():
 
 
 def test_feature_classifier_cache_round_trip(tiny_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MOE_LITE_CACHE", str(tmp_path))
-    kwargs = dict(device="cpu", data=tiny_data, width=4, feature_dim=16, epochs=1)
+    kwargs = dict(device="cpu", data=tiny_data, width=4, feature_dim=16, epochs=1, cache_dir=tmp_path)
     trained = get_feature_classifier(**kwargs)
     assert "trained the feature classifier" in capsys.readouterr().out
     files = list(tmp_path.glob("*.pt"))

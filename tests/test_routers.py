@@ -19,6 +19,7 @@ from moe_lite.routers import (
     BalancedAssignment,
     BiasBalanced,
     ExpertChoice,
+    FixedThreshold,
     Hash,
     LearnedThreshold,
     Race,
@@ -1038,6 +1039,7 @@ def test_make_router_builds_every_router_by_name():
         "balanced": ({}, BalancedAssignment),
         "bias_balanced": ({"num_experts": 4, "k": 2}, BiasBalanced),
         "learned_threshold": ({"dim": 3, "num_experts": 4}, LearnedThreshold),
+        "fixed_threshold": ({"threshold": 0.3}, FixedThreshold),
     }
     assert set(cases) == set(ROUTERS)
     for name, (kwargs, cls) in cases.items():
@@ -1048,6 +1050,8 @@ def test_make_router_builds_every_router_by_name():
 def test_make_router_errors():
     with pytest.raises(ValueError, match="unknown router 'TopK'"):
         make_router("TopK", k=2)
+    with pytest.raises(ValueError, match="takes no keyword 'kk'"):
+        make_router("topk", kk=2)
     with pytest.raises(TypeError):
         ROUTERS["mine"] = TopK  # read-only
 

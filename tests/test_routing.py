@@ -41,8 +41,9 @@ def mask_from_sets(sets, e):
 
 
 def ref_combination_usage(mask, coverage=Fraction(95, 100)):
-    """Exact loop reference (papers.md §1.2): count co-activations of every pair i < j, sort
-    descending, normalise, and count the pairs needed until the cumulative share reaches 95%."""
+    """Exact loop reference of the paper's pseudocode (papers.md §1.2): count co-activations of every
+    pair i < j, sort descending, normalise, and count the pairs whose cumulative share is still below
+    95% (``100 * (c.cumsum() < 0.95).mean()``: the pair that reaches 95% is not counted)."""
     rows = mask.tolist()
     e = len(rows[0]) if rows else 0
     pairs = list(itertools.combinations(range(e), 2))
@@ -52,13 +53,12 @@ def ref_combination_usage(mask, coverage=Fraction(95, 100)):
     total = sum(counts)
     if total == 0:
         return 0.0
-    cum, needed = 0, 0
+    cum, below = 0, 0
     for c in counts:
         cum += c
-        needed += 1
-        if Fraction(cum, total) >= coverage:
-            break
-    return 100.0 * needed / len(pairs)
+        if Fraction(cum, total) < coverage:
+            below += 1
+    return 100.0 * below / len(pairs)
 
 
 # ---- the record's views -----------------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_routing_summary_hand_values():
     assert s["load_cv"] == pytest.approx(math.sqrt(2 / 3))  # loads [1, 0, 2]
     assert s["max_vio"] == pytest.approx(1.0)
     assert s["dead_experts"] == 1.0  # expert 1
-    assert s["combination_usage"] == pytest.approx(100 / 3)  # only pair (0, 2) of 3 pairs
+    assert s["combination_usage"] == 0.0  # only pair (0, 2) is used: it alone reaches 95%
     assert s["tokens_per_expert_min"] == 0.0 and s["tokens_per_expert_max"] == 2.0
     assert s["router_entropy"] == pytest.approx(math.log(3))  # zero logits: uniform over 3 experts
     assert s["router_entropy_norm"] == pytest.approx(1.0)
@@ -193,39 +193,42 @@ def test_routing_summary_against_loop_reference():
 
 
 # ---- combination usage ------------------------------------------------------------------------
-def test_combination_usage_single_pair_is_one_of_three():
-    # E=3, every token picks {0, 1}: 1 of the 3 pairs -> 33.33%
-    assert combination_usage(mask_from_sets([{0, 1}] * 5, 3)) == pytest.approx(100 / 3)
+def test_combination_usage_single_pair_is_zero_as_in_the_paper():
+    # E=3, every token picks {0, 1}: that pair alone holds 100% >= 95%, so no pair is counted (the
+    # paper's pseudocode counts the pairs strictly below the 95% line, not the one that crosses it)
+    assert combination_usage(mask_from_sets([{0, 1}] * 5, 3)) == 0.0
 
 
 def test_combination_usage_uniform_and_no_pairs():
-    # E=4, each of the 6 pairs once: shares 1/6, cumulative reaches 0.95 only at the 6th -> 100%
+    # E=4, each of the 6 pairs once: cumulative 1/6 .. 5/6 stay below 0.95, the 6th reaches it -> 5 of 6
     pairs = list(itertools.combinations(range(4), 2))
-    assert combination_usage(mask_from_sets(pairs, 4)) == pytest.approx(100.0)
+    assert combination_usage(mask_from_sets(pairs, 4)) == pytest.approx(500 / 6)
     # top-1 routing has no co-activation at all; a single expert has no pair
     assert combination_usage(mask_from_sets([{0}, {1}, {2}], 3)) == 0.0
     assert combination_usage(mask_from_sets([{0}, {0}], 1)) == 0.0
 
 
-def test_combination_usage_stops_at_the_pair_that_reaches_95_percent():
-    # E=4 pair counts sorted [10, 5, 3, 1, 1, 0] (total 20): cumulative 0.5, 0.75, 0.9, 0.95 -> 4 of 6
+def test_combination_usage_counts_the_pairs_below_95_percent():
+    # E=4 pair counts sorted [10, 5, 3, 1, 1, 0] (total 20): cumulative 0.5, 0.75, 0.9, 0.95 -> the first
+    # three are below 95%, the fourth reaches it -> 3 of 6 (the old rule also counted the fourth: 4 of 6)
     sets = [{0, 1}] * 10 + [{0, 2}] * 5 + [{0, 3}] * 3 + [{1, 2}] + [{1, 3}]
     m = mask_from_sets(sets, 4)
-    assert ref_combination_usage(m) == pytest.approx(400 / 6)
-    assert combination_usage(m) == pytest.approx(400 / 6)
-    # one more {1, 3}: cumulative 10/21, 15/21, 18/21, 20/21 = 0.952 -> still 4 of 6
+    assert ref_combination_usage(m) == pytest.approx(300 / 6)
+    assert combination_usage(m) == pytest.approx(300 / 6)
+    # one more {1, 3}: cumulative 10/21, 15/21, 18/21, 20/21 = 0.952 -> still 3 of 6
     m2 = mask_from_sets(sets + [{1, 3}], 4)
-    assert combination_usage(m2) == pytest.approx(400 / 6)
-    # a dominant pair (96%) is enough on its own: 1 of 6
+    assert combination_usage(m2) == pytest.approx(300 / 6)
+    # a dominant pair (96%) reaches 95% on its own: 0 of 6
     m3 = mask_from_sets([{2, 3}] * 96 + [{0, 1}] * 4, 4)
-    assert combination_usage(m3) == pytest.approx(100 / 6)
+    assert combination_usage(m3) == 0.0
 
 
 @pytest.mark.parametrize("e", [16, 25, 41])
 def test_combination_usage_exact_95_percent_boundary(e):
-    # uniform co-selection over P pairs with 0.95 * P an integer: exactly 95% of the pairs
+    # uniform co-selection over P pairs with 0.95 * P an integer: the (0.95 P)-th pair reaches exactly
+    # 95% (float rounding must not count it), so 0.95 P - 1 pairs are below the line
     pairs = list(itertools.combinations(range(e), 2))
-    assert combination_usage(mask_from_sets(pairs, e)) == pytest.approx(95.0)
+    assert combination_usage(mask_from_sets(pairs, e)) == pytest.approx(95.0 - 100.0 / len(pairs))
 
 
 def test_combination_usage_against_loop_reference_random():
@@ -377,3 +380,18 @@ def test_routing_validation_reads_no_values_off_the_host():
     with pytest.raises(ValueError, match="same length"):  # shapes are still checked
         Routing(torch.zeros(1, 3, 4, **meta), torch.zeros(3, dtype=torch.long, **meta),
                 torch.zeros(2, dtype=torch.long, **meta), torch.ones(3, **meta), 4)
+
+
+# ---- hand-made inputs (moe_lite.examples) -----------------------------------------------------
+def test_pair_logits_send_each_token_to_its_pair():
+    from moe_lite.examples import pair_logits
+    from moe_lite.routers import TopK
+
+    pairs = [(0, 1), (2, 3), (1, 3)]
+    logits = pair_logits(pairs, num_experts=4, scale=3.0)
+    assert logits.shape == (1, 3, 4) and logits.sum().item() == 3.0 * 6
+    mask = TopK(2)(logits).mask
+    assert [set(torch.nonzero(row).flatten().tolist()) for row in mask] == [set(p) for p in pairs]
+    for bad in ([(1, 1)], [(0, 4)], [(-1, 2)]):
+        with pytest.raises(ValueError, match="two different experts"):
+            pair_logits(bad)

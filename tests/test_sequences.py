@@ -188,7 +188,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="heads"):
         LMConfig(dim=30, heads=4)
     # the MoE fields go through the check ViTConfig uses (moe_lite.models.vit.check_moe_fields)
-    with pytest.raises(ValueError, match="LMConfig: weight of loss 'load_balance'"):
+    with pytest.raises(ValueError, match="LMConfig.moe_losses: weight of loss 'load_balance'"):
         LMConfig(moe_losses={"load_balance": -1.0})
     with pytest.raises(ValueError, match="LMConfig.num_shared"):
         LMConfig(num_shared=True)
@@ -246,19 +246,20 @@ def test_smoke_experiment_reports_every_question():
     ctx = RunContext.create("smoke", seeds=[0, 1], device="cpu", progress=False, cache=None)
     result = run_sequence(ctx=ctx, variants=("top-2", "top-p"))
     assert set(result.models) == {"top-2", "top-p"}
-    for table in ("accuracy by task", "experts per token by difficulty level", "experts per token by layer",
-                  "mutual information of expert choice with the task (bits, per layer)"):
-        assert [row["model"] for row in result.tables[table]] == ["top-2", "top-p"]
-        assert all(row["seeds"] == 2 for row in result.tables[table])
+    for table in ("accuracy_by_task", "experts_by_level", "experts_by_layer", "mi_task"):
+        assert [row["model"] for row in result.table(table)] == ["top-2", "top-p"]
+        assert all(row["seeds"] == 2 for row in result.table(table))
+    # the JSON keeps tables by their titles
+    assert result.tables["experts per token by difficulty level"] is result.table("experts_by_level")
     top2 = result.metrics["top-2"]
     assert top2["experts_per_token"]["mean"] == 2.0 and top2["experts_per_token"]["n"] == 2
-    assert result.tables["experts per token by difficulty level"][0]["spearman(experts, level)"] == "n/a"
+    assert result.table("experts_by_level")[0]["spearman(experts, level)"] == "n/a"
     assert len(result.metrics["threshold_sweep"]) == 4
     # the trained top-p threshold is back after the sweep
     assert result.models["top-p"].config.router_kwargs["p"] == pytest.approx(
         float(next(m for m in result.models["top-p"].modules() if hasattr(m, "threshold")).threshold))
     result.to_dict()  # JSON-ready
-    with pytest.raises(ValueError, match="variants"):
+    with pytest.raises(ValueError, match="no variant"):
         run_sequence(ctx=ctx, variants=("top-3",))
 
 

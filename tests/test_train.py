@@ -570,10 +570,10 @@ def test_deferred_checks_still_protect_the_checkpoint(tmp_path):
 
 def test_time_budget_shrinks_the_plan_so_the_cosine_completes(monkeypatch):
     """A run that cannot afford its planned steps ends its cosine inside the budget (low final lr)."""
-    import moe_lite.train as train_mod
+    import moe_lite.train.loop as loop_mod
 
     clock = {"t": 0.0}
-    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(loop_mod.time, "perf_counter", lambda: clock["t"])
 
     class Tick(torch.nn.Module):
         def __init__(self):
@@ -597,10 +597,10 @@ def test_time_budget_shrinks_the_plan_so_the_cosine_completes(monkeypatch):
 
 
 def test_a_resumed_run_keeps_the_plan_its_budget_shrank(monkeypatch, tmp_path):
-    import moe_lite.train as train_mod
+    import moe_lite.train.loop as loop_mod
 
     clock = {"t": 0.0}
-    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(loop_mod.time, "perf_counter", lambda: clock["t"])
 
     class Tick(torch.nn.Linear):
         def forward(self, x):
@@ -627,3 +627,16 @@ def test_without_a_budget_the_plan_is_kept():
     history = fit(torch.nn.Linear(3, 2), ClassificationTask(), loader, None,
                   TrainConfig(epochs=2, progress=False, log_routing=False))
     assert history.planned_steps is None and history.steps[-1]["step"] == 20
+
+
+def test_the_package_exports_its_api_from_the_files_that_define_it():
+    """``moe_lite.train`` re-exports the trainer's public names; each is defined in one submodule
+    (config, tasks, loop, evaluation, checkpoint, history, divergence, device, rng)."""
+    import moe_lite.train as train_mod
+    from moe_lite.train.tasks import DiffusionTask
+
+    assert train_mod.DiffusionTask is DiffusionTask
+    for name in train_mod.__all__:
+        obj = getattr(train_mod, name)
+        assert obj.__module__.startswith("moe_lite.train."), (name, obj.__module__)
+    assert train_mod.CHECKPOINT_FORMAT == "moe_lite.checkpoint" and train_mod.CHECKPOINT_VERSION == 2

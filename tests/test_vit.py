@@ -140,6 +140,7 @@ ROUTER_CASES = {
     "balanced": ({}, 1),
     "bias_balanced": ({"k": 2}, 2),  # num_experts filled in
     "learned_threshold": ({}, 2),  # dim and num_experts filled in; dynamic: 2 by convention
+    "fixed_threshold": ({"threshold": 0.3}, 1),  # at least the top expert (no k: counted as 1)
 }
 
 

@@ -1,5 +1,4 @@
 """moe_lite.widgets: both display modes, callbacks driven from code, in-place updates and the static fallback."""
-import importlib
 import json
 import math
 import sys
@@ -17,17 +16,6 @@ pytest.importorskip("ipywidgets")
 HAS_FIGUREWIDGET = W._figurewidget_works()
 needs_figurewidget = pytest.mark.skipif(not HAS_FIGUREWIDGET, reason="go.FigureWidget needs anywidget")
 MODES = [pytest.param("widget", marks=needs_figurewidget), "static"]
-
-
-def _real_make_router():
-    """moe_lite.routers.make_router, or None while routers.py is not there yet."""
-    try:
-        return importlib.import_module("moe_lite.routers").make_router
-    except (ImportError, AttributeError):
-        return None
-
-
-needs_routers = pytest.mark.skipif(_real_make_router() is None, reason="moe_lite.routers.make_router not available")
 
 
 class TinyTopK(nn.Module):
@@ -58,17 +46,17 @@ def logits():
 @pytest.fixture
 def no_anywidget(monkeypatch):
     """Make ``import anywidget`` fail, as where the FigureWidget cannot be created."""
-    monkeypatch.delenv(W.STATIC_ENV, raising=False)
     monkeypatch.setitem(sys.modules, "anywidget", None)
 
 
 # ---- mode selection -----------------------------------------------------------------------------
-def test_env_var_forces_static(monkeypatch):
+def test_settings_force_static(monkeypatch):
+    """``static`` is ``Settings.static_figures``; the environment is not read here."""
+    assert not W.can_use_figurewidget(static=True)
+    assert W.resolve_mode(static=True) == "static"
+    assert W.resolve_mode("widget", static=True) == "widget"  # an explicit argument wins
+    assert W.can_use_figurewidget(static=False) == HAS_FIGUREWIDGET
     monkeypatch.setenv(W.STATIC_ENV, "1")
-    assert not W.can_use_figurewidget()
-    assert W.resolve_mode() == "static"
-    assert W.resolve_mode("widget") == "widget"  # an explicit argument wins
-    monkeypatch.setenv(W.STATIC_ENV, "0")
     assert W.can_use_figurewidget() == HAS_FIGUREWIDGET
 
 
@@ -84,11 +72,10 @@ def test_fallback_without_anywidget(no_anywidget):
 
 
 def test_colab_defaults_to_static(monkeypatch):
-    monkeypatch.delenv(W.STATIC_ENV, raising=False)
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     assert not W.can_use_figurewidget()
-    monkeypatch.setenv(W.STATIC_ENV, "0")  # custom widget manager enabled by the user
-    assert W.can_use_figurewidget() == HAS_FIGUREWIDGET
+    # custom widget manager enabled by the user: MOE_LITE_STATIC_FIGURES=0, i.e. static_figures=False
+    assert W.can_use_figurewidget(static=False) == HAS_FIGUREWIDGET
 
 
 def test_bad_mode():
@@ -208,7 +195,6 @@ def test_router_explorer_errors(logits):
         ex.set(k=5)
 
 
-@needs_routers
 @pytest.mark.parametrize("name", W.ROUTER_NAMES)
 def test_router_explorer_every_router(logits, name):
     ex = W.RouterExplorer(logits, router=name, mode="static")
@@ -220,7 +206,6 @@ def test_router_explorer_every_router(logits, name):
     assert "error" not in ex.last_result
 
 
-@needs_routers
 def test_router_explorer_real_routers(logits):
     ex = W.RouterExplorer(logits, router="topk")
     heat = ex.figure
@@ -287,7 +272,6 @@ def test_router_explorer_failed_set_puts_every_control_back(logits):
     assert ex.values == start and ex.last_result["params"] == {"k": 2}
 
 
-@needs_routers
 def test_router_explorer_group_limit_caps_cross_group_traffic():
     torch.manual_seed(0)
     logits = torch.randn(4, 16, 8)
@@ -310,7 +294,6 @@ def _knobs(ex):
     return {k: v for k, v in ex.values.items() if k not in ("router", "phase", "sample")}
 
 
-@needs_routers
 @pytest.mark.parametrize("name", [n for n in W.ROUTER_NAMES if n != "switch"])
 def test_router_explorer_capacity_wraps_any_router(logits, name):
     from moe_lite.routers import Capacity
@@ -330,7 +313,6 @@ def test_router_explorer_capacity_wraps_any_router(logits, name):
     assert "error" not in ex.last_result and ex.routing.info["capacity_factor"] == 0.25
 
 
-@needs_routers
 def test_router_explorer_capacity_off_means_no_limit(logits):
     ex = W.RouterExplorer(logits, router="switch", mode="static")
     assert ex.last_result["dropped_fraction"] == 0.0 and "capacity_factor" not in ex.last_result["params"]
@@ -393,7 +375,7 @@ class TinyThreshold(TinyTopK):
 
     threshold = 0.0
 
-    def set_threshold(self, value):
+    def set_inference_threshold(self, value):  # the interface the explorer moves Race's threshold with
         self.threshold = value
 
     def forward(self, logits, x=None):
@@ -463,7 +445,7 @@ def _bundle(pio, fig):
 def test_figures_render_offline_and_store_no_plotly_js(plotly_default, monkeypatch):
     from moe_lite.notebook import INLINE_ENV, configure_plotly
 
-    monkeypatch.delenv(INLINE_ENV, raising=False)
+    monkeypatch.setenv(INLINE_ENV, "1")  # read by Settings.resolve only: configure_plotly takes inline=
     pio, fig = plotly_default, go.Figure(go.Bar(y=[1, 2]))
     configure_plotly(colab=False)
     bundle = _bundle(pio, fig)
@@ -475,6 +457,5 @@ def test_figures_render_offline_and_store_no_plotly_js(plotly_default, monkeypat
     assert not inline.connected  # activation embeds plotly.js itself, no CDN
     html = inline.to_mimebundle(fig.to_dict())["text/html"]
     assert "http" not in html and "<script src" not in html and len(html) < 20_000
-    monkeypatch.setenv(INLINE_ENV, "1")
-    assert configure_plotly(colab=False) == "plotly_mimetype+moe_lite_inline"
+    assert configure_plotly(colab=False) == "plotly_mimetype"
     assert configure_plotly(colab=True) == "colab"

@@ -11,7 +11,9 @@ from ..models.adapters import adapt, adapter_cost, split_classes
 from ..models.vit import ViT, ViTConfig
 from .. import viz
 from .common import QUICK_MODEL, ClassifySize, seeded_build, train_classifier
-from .core import Dataset, ExperimentResult, RunContext, Timer, add_paired_comparisons, mean_std
+from .core import Dataset, ExperimentResult, Pairing, RunContext
+from .figures import adapt_figures
+from .runner import Experiment, Run, run
 
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 ADAPT_CLASSES = (5, 6, 7, 8, 9)
@@ -52,66 +54,80 @@ def _task(data: Dataset, classes: Sequence[int]) -> Dataset:
     return Dataset(x, y, data.source)
 
 
-def run_adapt(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
-              data: str = "auto", progress: bool = True, methods: Optional[Sequence[str]] = None,
-              rank: int = 4, num_experts: int = 4, ctx: Optional[RunContext] = None) -> ExperimentResult:
-    """Pretrain a dense ViT on classes 0-4, freeze it, adapt it to classes 5-9 with each method;
-    report accuracy, trainable parameters and adapter FLOPs per token."""
-    ctx = ctx or RunContext.create(size, seeds, device, data, progress)
-    pre_spec, ada_spec = SIZES[ctx.size]
-    chosen = list(methods or METHODS)
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+def _prepare(run: Run) -> Dict[str, Any]:
+    """The data of both tasks and the dense ViT pretrained on classes 0-4 (first seed), frozen later."""
+    ctx = run.ctx
+    pre_spec, ada_spec = run.spec
     train_all, test_all = ctx.splits()
     pre_train = _task(train_all.take(pre_spec.n_per_class, seed=0), PRETRAIN_CLASSES)
     pre_test = _task(test_all.take(pre_spec.test_per_class, seed=1), PRETRAIN_CLASSES)
     ada_train = _task(train_all, ADAPT_CLASSES).take(ada_spec.n_per_class, seed=2)
     ada_test = _task(test_all.take(ada_spec.test_per_class, seed=1), ADAPT_CLASSES)
     config = dataclasses.replace(ViTConfig(), num_classes=len(PRETRAIN_CLASSES), **pre_spec.model)
-    result = ExperimentResult("adapt", ctx.size, str(ctx.device), train_all.source,
-                              config={"methods": {m: METHODS[m] for m in chosen}, "rank": rank,
-                                      "num_experts": num_experts, "seeds": ctx.seeds,
-                                      "pretrain_images": len(pre_train), "adapt_images": len(ada_train),
-                                      "test_images": len(ada_test)})
-    with Timer() as timer:
-        pretrained = seeded_build(ctx.seeds[0], lambda: ViT(config))
-        base = train_classifier("pretrain (classes 0-4)", pretrained, ctx, pre_spec, ctx.seeds[0],
-                                pre_train, pre_test, experiment="adapt")
-        result.metrics["pretrain_accuracy"] = base.metrics["accuracy"]
-        # the adapted runs' cache keys must change when the pretrained weights do
-        pretrain_key = repr((config, pre_spec, ctx.seeds[0], len(pre_train)))
-        result.models["pretrained"] = base.model
-        rows = []
-        for method in chosen:
-            kwargs = dict(METHODS[method])
-            accs, cost = [], None
-            for seed in ctx.seeds:
-                adapted = seeded_build(seed, lambda: adapt(base.model, num_classes=len(ADAPT_CLASSES), rank=rank,
-                                                           num_experts=num_experts, **kwargs))
-                # full fine-tuning wants a smaller step than the adapters
-                lr = ada_spec.lr * (0.3 if kwargs["method"] == "full" else 1.0)
-                record = train_classifier(method, adapted, ctx, ada_spec, seed, ada_train, ada_test, lr=lr,
-                                          experiment="adapt", key=(kwargs, rank, num_experts, pretrain_key))
-                accs.append(record.metrics["accuracy"])
-                if cost is None:
-                    # one eval forward on the first test batch, so a model loaded from the checkpoint
-                    # cache has a routing too and fresh and cached runs report the same FLOPs
-                    record.model.eval()
-                    with torch.no_grad():
-                        record.model(ada_test.x[:512].to(ctx.device))
-                    cost = adapter_cost(record.model)  # routing of that eval forward
-                    result.models[method] = record.model
-            acc = mean_std(accs, seeds=ctx.seeds)
-            result.metrics[method] = {"accuracy": acc, **cost}
-            rows.append({"method": method, "accuracy": round(acc["mean"], 4), "accuracy_std": round(acc["std"], 4),
-                         "seeds": acc["n"], "trainable_params": int(cost["trainable_params"]),
-                         "adapter_flops_per_token": round(cost["adapter_flops_per_token"], 1)})
-        result.tables["adaptation to classes 5-9"] = rows
-        result.figures["accuracy vs trainable parameters"] = viz.tradeoff_curve(
-            [r["trainable_params"] for r in rows], [r["accuracy"] for r in rows], labels=chosen,
-            x_title="trainable parameters", y_title="test accuracy (classes 5-9)",
-            title="Adapting a frozen ViT: accuracy against trainable parameters")
-    add_paired_comparisons(result)
-    result.wall_time_s = timer.seconds
-    return result
+    pretrained = seeded_build(ctx.seeds[0], lambda: ViT(config))
+    base = train_classifier("pretrain (classes 0-4)", pretrained, ctx, pre_spec, ctx.seeds[0],
+                            pre_train, pre_test, experiment="adapt")
+    run.result.metrics["pretrain_accuracy"] = base.metrics["accuracy"]
+    run.result.models["pretrained"] = base.model
+    # the adapted runs' cache keys must change when the pretrained weights do
+    run.state.update(train=ada_train, test=ada_test, base=base.model,
+                     pretrain_key=repr((config, pre_spec, ctx.seeds[0], len(pre_train))))
+    return {"methods": {m: METHODS[m] for m in run.variants}, "rank": run.options["rank"],
+            "num_experts": run.options["num_experts"], "seeds": ctx.seeds,
+            "pretrain_images": len(pre_train), "adapt_images": len(ada_train), "test_images": len(ada_test)}
+
+
+def _train(method: str, kwargs: Dict[str, Any], seed: int, run: Run) -> Dict[str, Any]:
+    """One adaptation method for one seed: accuracy; the first seed also its cost (trainable
+    parameters, adapter FLOPs per token) and model."""
+    ctx, ada_spec, test = run.ctx, run.spec[1], run.state["test"]
+    rank, num_experts = run.options["rank"], run.options["num_experts"]
+    kwargs = dict(kwargs)
+    adapted = seeded_build(seed, lambda: adapt(run.state["base"], num_classes=len(ADAPT_CLASSES), rank=rank,
+                                               num_experts=num_experts, **kwargs))
+    # full fine-tuning wants a smaller step than the adapters
+    lr = ada_spec.lr * (0.3 if kwargs["method"] == "full" else 1.0)
+    record = train_classifier(method, adapted, ctx, ada_spec, seed, run.state["train"], test, lr=lr,
+                              experiment="adapt", key=(kwargs, rank, num_experts, run.state["pretrain_key"]))
+    out: Dict[str, Any] = {"accuracy": record.metrics["accuracy"]}
+    if run.first_seed(seed):
+        # one eval forward on the first test batch, so a model loaded from the checkpoint
+        # cache has a routing too and fresh and cached runs report the same FLOPs
+        record.model.eval()
+        with torch.no_grad():
+            record.model(test.x[:512].to(ctx.device))
+        out.update(cost=adapter_cost(record.model), model=record.model)  # routing of that eval forward
+    return out
+
+
+def _summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
+    result, rows = run.result, []
+    for method, per_seed in records.items():
+        cost = per_seed[run.seeds[0]]["cost"]
+        acc = run.over_seeds(per_seed, "accuracy")
+        result.metrics[method] = {"accuracy": acc, **cost}
+        rows.append({"method": method, "accuracy": round(acc["mean"], 4), "accuracy_std": round(acc["std"], 4),
+                     "seeds": acc["n"], "trainable_params": int(cost["trainable_params"]),
+                     "adapter_flops_per_token": round(cost["adapter_flops_per_token"], 1)})
+    run.table("adaptation", "adaptation to classes 5-9", rows)
+    result.figures["accuracy vs trainable parameters"] = viz.tradeoff_curve(
+        [r["trainable_params"] for r in rows], [r["accuracy"] for r in rows], labels=list(records),
+        x_title="trainable parameters", y_title="test accuracy (classes 5-9)", mode="markers+text",
+        title="Adapting a frozen ViT: accuracy against trainable parameters")  # methods: no line between them
+
+
+ADAPT = Experiment(
+    "adapt", "LoRA experts on a frozen ViT vs linear probe, LoRA, full fine-tuning", SIZES, METHODS, _train,
+    _summarise, prepare=_prepare, options={"rank": 4, "num_experts": 4}, figures=adapt_figures,
+    pairing=Pairing("LoRA (matched params)", {"accuracy": "higher"}))
+
+
+def run_adapt(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
+              data: str = "auto", progress: bool = True, variants: Optional[Sequence[str]] = None,
+              rank: int = 4, num_experts: int = 4, ctx: Optional[RunContext] = None,
+              settings: Any = None) -> ExperimentResult:
+    """Pretrain a dense ViT on classes 0-4, freeze it, adapt it to classes 5-9 with each method
+    (``variants``: keys of :data:`METHODS`, default all); report accuracy, trainable parameters and
+    adapter FLOPs per token."""
+    return run(ADAPT, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data, progress=progress,
+               variants=variants, rank=rank, num_experts=num_experts)

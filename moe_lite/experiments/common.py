@@ -10,11 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis import EXPERT_LOAD, expert_load
-from ..layers import moe_layers, routing_stats
-from ..routing import by_label
+from ..data import make_loader
+from ..inspect import moe_layers, record_routing, routing_stats
 from ..train import (CheckpointError, ClassificationTask, History, TrainConfig, fit, load_checkpoint,
                      read_checkpoint, remove_stale_temporaries)
-from .core import Dataset, RunContext
+from .core import SHIPPED_DIR, Dataset, RunContext
 
 
 #: the quick ViT recipe's architecture (docs/recipes.md), as overrides of ViTConfig's defaults: 16 tokens
@@ -61,8 +61,6 @@ def seeded_build(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
 
 def loaders(train: Dataset, test: Dataset, batch_size: int, seed: int):
     """Shuffled train loader and ordered test loader over in-memory tensors (num_workers=0)."""
-    from ..data import make_loader
-
     return (make_loader((train.x, train.y), batch_size=batch_size, shuffle=True, seed=seed),
             make_loader((test.x, test.y), batch_size=512, shuffle=False))
 
@@ -175,8 +173,6 @@ def shipped_problem(payload: Dict[str, Any], key: str, train_config: Dict[str, A
 
 def _shown(path: Path) -> str:
     """``path`` inside the installed package as ``moe_lite/...`` (no machine's folders in outputs)."""
-    from .core import SHIPPED_DIR
-
     try:
         return f"moe_lite/{Path(path).relative_to(SHIPPED_DIR.parent).as_posix()}"
     except ValueError:
@@ -260,31 +256,18 @@ def predict(model: nn.Module, data: Dataset, device: torch.device, batch_size: i
 @torch.no_grad()
 def routing_by_class(model: nn.Module, data: Dataset, device: torch.device, num_classes: int = 10,
                      batch_size: int = 500) -> Dict[str, Dict[str, Tensor]]:
-    """Per MoE layer, :func:`moe_lite.routing.by_label` accumulated over ``data`` (label = class).
+    """Per MoE layer, the routing of an eval pass over ``data`` broken down by class
+    (:func:`moe_lite.inspect.record_routing` with the label ``"class"``).
 
-    Returns layer name -> {"counts" [C, E], "fraction" [C, E], "tokens" [C], "experts_per_token" [C]}.
+    Returns layer name -> {"counts" [C, E], "fraction" [C, E], "tokens" [C], "experts_per_token" [C],
+    "dropped_fraction" [C]} (the last two nan for a class absent from ``data``).
     """
-    sums: Dict[str, Dict[str, Tensor]] = {}
-
-    def collect(m: nn.Module, start: int) -> None:
-        labels = data.y[start:start + batch_size]
-        for layer_name, layer in moe_layers(m):
-            routing = getattr(layer, "routing", None)
-            if routing is None:
-                continue
-            part = by_label(routing, labels.to(routing.token.device), num_labels=num_classes)
-            acc = sums.setdefault(layer_name, {"counts": 0, "tokens": 0, "ept_sum": 0})
-            acc["counts"] = acc["counts"] + part["counts"].cpu()
-            acc["tokens"] = acc["tokens"] + part["tokens"].cpu()
-            acc["ept_sum"] = acc["ept_sum"] + (part["experts_per_token"].nan_to_num(0) * part["tokens"]).cpu()
-
-    predict(model, data, device, batch_size, on_batch=collect)
-    out = {}
-    for layer_name, acc in sums.items():
-        tokens = acc["tokens"].clamp_min(1)
-        out[layer_name] = {"counts": acc["counts"], "fraction": acc["counts"] / tokens[:, None],
-                           "tokens": acc["tokens"], "experts_per_token": acc["ept_sum"] / tokens}
-    return out
+    model.eval()
+    with record_routing(model, labels={"class": num_classes}, per_sample=False) as rec:
+        for start in range(0, len(data), batch_size):
+            rec.set_labels({"class": data.y[start:start + batch_size]})
+            model(data.x[start:start + batch_size].to(device))
+    return rec.by_label("class")
 
 
 def routing_table(stats: Dict[str, Dict[str, float]], keys: Sequence[str] = (

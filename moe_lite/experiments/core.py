@@ -1,41 +1,45 @@
 """What every experiment shares: sizes, the run context (data, device, seeds), and the result record."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-#: smoke: CI, seconds; quick: a CPU, minutes; gpu: a free Colab GPU (T4), minutes; full: a paper-style
-#: study on a datacenter GPU
-SIZES = ("smoke", "quick", "gpu", "full")
-DATA_CHOICES = ("auto", "embedded")
-SIZE_ENV = "MOE_LITE_SIZE"
+from .. import data as fm
+from ..data import SOURCE_DEBIAN, SOURCE_DOWNLOAD, SOURCE_LOCAL
+from ..settings import DATA_CHOICES, ENV_SIZE, SIZES, Settings
+from ..stats import by_seed, paired_difference
+from ..train import pick_device
+from ..page import figures_to_html
+
+SIZE_ENV = ENV_SIZE  # the old name
 #: trained models that ship with the package (read-only): ``<size>/<experiment>/<cache file name>``,
 #: written by ``python -m moe_lite.experiments.ship``, found by the same keys as the user's cache
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
-def default_size() -> str:
-    """``$MOE_LITE_SIZE`` when set (CI sets ``smoke``), else ``quick``."""
-    size = os.environ.get(SIZE_ENV, "quick").strip().lower() or "quick"
-    if size not in SIZES:
-        raise ValueError(f"{SIZE_ENV}={size!r}; expected one of {SIZES}")
-    return size
+def default_size(settings: Optional[Settings] = None) -> str:
+    """``settings.size``; without settings, what :meth:`Settings.resolve` picks: ``$MOE_LITE_SIZE``
+    when set (CI sets ``smoke``), else ``gpu`` on CUDA, else ``quick``."""
+    return (settings or Settings.resolve()).size
 
 
-def resolve_size(size: Optional[str]) -> str:
+def resolve_size(size: Optional[str], settings: Optional[Settings] = None) -> str:
+    """``size`` (checked), else :func:`default_size`."""
     if size is None:
-        return default_size()
+        return default_size(settings)
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     return size
@@ -79,35 +83,49 @@ class RunContext:
     shipped: bool = True
     #: every cache file this context's runs looked up, in order (what ``moe_lite.experiments.ship`` copies)
     checkpoints_used: List[Path] = field(default_factory=list, repr=False)
+    #: the settings this context was made from (data path, offline, cache root...); None: the defaults
+    settings: Optional[Settings] = field(default=None, repr=False)
     _splits: Optional[Tuple[Dataset, Dataset]] = field(default=None, repr=False)
 
     @classmethod
     def create(cls, size: Optional[str] = None, seeds: Optional[Sequence[int]] = None, device: str = "auto",
                data: str = "auto", progress: bool = True, default_seeds: Sequence[int] = (0,),
                cache: Optional[str | Path] = "default", reuse: bool = True,
-               shipped: bool = True) -> "RunContext":
-        """``cache``: folder of trained checkpoints ("default": ``$MOE_LITE_CACHE/runs`` or
-        ``~/.cache/moe_lite/runs``; None: no caching). ``reuse=False`` retrains even when a matching
+               shipped: bool = True, settings: Optional[Settings] = None) -> "RunContext":
+        """A context from ``settings`` (resolved at the edge: the CLI, ``notebook.setup()``); an
+        argument given here (not its default) wins over the field it names. Without ``settings``
+        this call is the edge: :meth:`Settings.resolve` reads the environment once.
+
+        ``cache``: folder of trained checkpoints ("default": ``settings.cache_dir``, i.e.
+        ``<cache root>/runs``; None: no caching). ``reuse=False`` retrains even when a matching
         checkpoint exists (and overwrites it). ``shipped=False``: never load the trained models that
         ship with moe_lite (:data:`SHIPPED_DIR`), train instead (the user's own cache is still used)."""
-        from ..train import pick_device
-
         if data not in DATA_CHOICES:
             raise ValueError(f"data must be one of {DATA_CHOICES}, got {data!r}")
-        if cache == "default":
-            root = os.environ.get("MOE_LITE_CACHE") or Path.home() / ".cache" / "moe_lite"
-            cache = Path(root) / "runs"
-        return cls(size=resolve_size(size), seeds=list(seeds or default_seeds), device=pick_device(device),
-                   data=data, progress=progress, cache_dir=Path(cache) if cache is not None else None,
-                   reuse=reuse, shipped=shipped)
+        if settings is None:
+            settings = Settings.resolve(size=size, device=None if device == "auto" else device,
+                                        data=None if data == "auto" else data, cache=cache)
+        else:
+            changes = {"size": resolve_size(size, settings), "device": settings.device if device == "auto" else device,
+                       "data": settings.data if data == "auto" else data}
+            if cache != "default":
+                changes["cache_dir"] = Path(cache) if cache is not None else None
+            settings = dataclasses.replace(settings, **changes)
+        resolve_size(settings.size)  # a clear ValueError for a bad size
+        return cls(size=settings.size, seeds=list(seeds or default_seeds), device=pick_device(settings.device),
+                   data=settings.data, progress=progress, cache_dir=settings.cache_dir, reuse=reuse,
+                   shipped=shipped, settings=settings)
+
+    @property
+    def cache_root(self) -> Path:
+        """The cache root of this context's settings (the feature classifier lives there)."""
+        return (self.settings or Settings(self.size)).cache_root
 
     def checkpoint_path(self, experiment: str, name: str, *key_parts: Any) -> Optional[Path]:
         """Where a trained model of ``experiment``/``name`` is cached: the file name carries a hash
         of everything that defines the run (configs, size, seed, data), so a change retrains."""
         if self.cache_dir is None:
             return None
-        from ..data import SOURCE_DEBIAN, SOURCE_DOWNLOAD, SOURCE_LOCAL
-
         train, test = self.splits()
         # the data actually used (not the option that chose it), so a CLI run with --data embedded
         # and a notebook under MOE_LITE_DATA=embedded share their checkpoints; every full copy of
@@ -135,16 +153,36 @@ class RunContext:
     def splits(self) -> Tuple[Dataset, Dataset]:
         """(train, test) Fashion-MNIST as normalised tensors, from the source ``data`` asks for."""
         if self._splits is None:
-            from .. import data as fm
-
-            source = "embedded" if self.data == "embedded" else "auto"
-            train, test = fm.load_splits(source=source)
+            # ``data`` may have been set apart from the settings (a RunContext built by hand)
+            settings = dataclasses.replace(self.settings or Settings(self.size), data=self.data)
+            train, test = fm.load_splits(settings=settings)
             out = []
             for ds in (train, test):
                 x, y = fm.to_tensors(ds, normalize=True)
                 out.append(Dataset(x, y, source=ds.source))
             self._splits = (out[0], out[1])
         return self._splits
+
+
+class UsageError(ValueError):
+    """A bad argument or input file, found before any work; the message names it (the command line
+    prints it as one line and exits with code 2)."""
+
+
+def check_output_folder(folder: str | Path, what: str) -> Path:
+    """Create ``folder`` (and its parents) if needed and check a file can be written there, with a
+    probe file that is removed again; raises :class:`UsageError` naming ``what`` (the argument,
+    e.g. ``"out results/"``) and the folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".moe_lite-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = "a file of that name is in the way" if folder.is_file() else err.strerror or str(err)
+        raise UsageError(f"{what}: cannot create or write the folder {folder} ({reason})") from None
+    return folder
 
 
 def jsonable(value: Any) -> Any:
@@ -186,20 +224,39 @@ class ExperimentResult:
     wall_time_s: float = 0.0
     #: where the numbers came from (:func:`provenance`); filled on the first :meth:`to_dict`
     provenance: Dict[str, Any] = field(default_factory=dict)
+    #: each named table's title: ``tables`` is keyed by title (what the results page prints),
+    #: :meth:`table` finds one by its stable short name
+    table_names: Dict[str, str] = field(default_factory=dict)
+
+    def add_table(self, name: str, title: str, rows: Any) -> None:
+        """Add (or replace) the table with the short ``name`` under its human ``title``."""
+        if name in self.table_names and self.table_names[name] != title:
+            self.tables.pop(self.table_names[name], None)
+        self.table_names[name] = title
+        self.tables[title] = rows
+
+    def table(self, name: str) -> Any:
+        """The rows of the table named ``name`` (see :meth:`add_table`; a title works too)."""
+        if name in self.table_names:
+            return self.tables[self.table_names[name]]
+        if name in self.tables:
+            return self.tables[name]
+        raise KeyError(f"{self.name} has no table {name!r}; its tables: {list(self.table_names)}")
 
     def to_dict(self) -> Dict[str, Any]:
         if not self.provenance:
             self.provenance = provenance(self.device, self.config.get("seeds"))
-        return jsonable({
+        record = {
             "name": self.name, "size": self.size, "device": self.device, "data_source": self.data_source,
             "wall_time_s": round(self.wall_time_s, 2), "metrics": self.metrics, "tables": self.tables,
             "config": self.config, "notes": self.notes, "provenance": self.provenance,
-        })
+        }
+        if self.table_names:
+            record["table_names"] = self.table_names
+        return jsonable(record)
 
     def save(self, out: str | Path) -> Tuple[Path, Path]:
         """Write ``<out>/<name>.json`` and ``<out>/<name>.html``; returns both paths."""
-        from ..viz import figures_to_html
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         json_path = out / f"{self.name}.json"
@@ -214,13 +271,6 @@ class ExperimentResult:
             tables["notes"] = {f"{i + 1}": note for i, note in enumerate(self.notes)}
         figures_to_html(self.figures, title=f"moe_lite: {self.name} ({self.size})", tables=tables, path=html_path)
         return json_path, html_path
-
-
-@dataclass
-class Experiment:
-    name: str
-    description: str
-    fn: Callable[..., ExperimentResult]
 
 
 class Timer:
@@ -260,15 +310,25 @@ def mean_std(values: Sequence[float], seeds: Optional[Sequence[int]] = None) -> 
 # ---- paired comparisons against each experiment's baseline ---------------------------------------------
 @dataclass(frozen=True)
 class Pairing:
-    """What an experiment's variants are compared with: the ``baseline`` variant, the ``metrics``
+    """What an experiment's variants are compared with: the ``baseline`` variant (or several, in
+    order: each variant is compared with each baseline it does not come before), the ``metrics``
     (a key of a variant's entry, dotted for a nested one, e.g. ``"routing_seeds.max_vio"`` ->
     ``"higher"`` or ``"lower"`` is better), and where the variants' entries are in ``metrics``:
     ``""`` (at its top), ``"variants"`` (``metrics["variants"]``) or ``"cells"`` (one group of
     variants per ``metrics["cells"]`` entry, e.g. per training-set size)."""
 
-    baseline: str
+    baseline: str | Sequence[str]
     metrics: Dict[str, str]
     where: str = ""
+
+    @property
+    def baselines(self) -> Tuple[str, ...]:
+        return (self.baseline,) if isinstance(self.baseline, str) else tuple(self.baseline)
+
+    @property
+    def first(self) -> str:
+        """The main baseline (the one the evaluation noise is quoted at)."""
+        return self.baselines[0]
 
     def groups(self, metrics: Mapping[str, Any]) -> Dict[str, Mapping[str, Any]]:
         """``{group label: {variant: entry}}`` ("" labels the only group)."""
@@ -277,17 +337,6 @@ class Pairing:
         return {"": (metrics.get(self.where) or {}) if self.where else metrics}
 
 
-#: experiment name -> its pairing; "seeds" of :func:`mean_std` make the pairs
-PAIRINGS: Dict[str, Pairing] = {
-    "vimoe": Pairing("dense", {"accuracy": "higher"}, "variants"),
-    "vimoe-grid": Pairing("dense", {"accuracy": "higher"}, "cells"),
-    "dynamic": Pairing("top-2", {"accuracy": "higher", "experts_per_token": "lower"}),
-    "zoo": Pairing("top-2", {"accuracy": "higher"}),
-    "balance": Pairing("no balancing", {"accuracy": "higher", "routing_seeds.max_vio": "lower"}),
-    "adapt": Pairing("LoRA (matched params)", {"accuracy": "higher"}),
-    "dit": Pairing("dense", {"fd_fmnist_classifier": "lower", "conditional_accuracy": "higher"}),
-    "race": Pairing("dense", {"fd_fmnist_classifier": "lower", "conditional_accuracy": "higher"}),
-}
 #: the title of the paired table starts with this
 PAIRED_TABLE = "paired comparisons"
 
@@ -301,61 +350,53 @@ def _lookup(entry: Any, path: str) -> Any:
 def seed_values(summary: Mapping[str, Any], seeds: Sequence[Any]) -> Dict[Any, float]:
     """``{seed: value}`` of a :func:`mean_std` summary; ``seeds`` stand in for its own seed ids
     when it has none (records written before they were stored)."""
-    from ..stats import by_seed
-
     return by_seed(summary["values"], summary.get("seeds") or seeds)
 
 
-def paired_comparisons(name: str, metrics: Mapping[str, Any], seeds: Sequence[Any],
+def paired_comparisons(pairing: Optional[Pairing], metrics: Mapping[str, Any], seeds: Sequence[Any],
                        confidence: float = 0.95) -> Tuple[str, List[Dict[str, Any]]]:
-    """(table title, rows): every variant of experiment ``name`` against its baseline
-    (:data:`PAIRINGS`), per metric: the mean paired difference (variant − baseline) over seeds,
-    its Student-t interval and the verdict. Per-seed values are paired by their stored seed ids,
-    or by ``seeds`` (the config's seed order) where a summary has none. No rows when the
-    experiment has no pairing, the baseline did not run, or fewer than 2 seeds ran."""
-    from ..stats import paired_difference
-
-    pairing = PAIRINGS.get(name)
-    title = (f"{PAIRED_TABLE} against {pairing.baseline if pairing else '-'} (variant − baseline per seed; "
-             f"{confidence * 100:g}% t-interval over seeds)")
+    """(table title, rows): every variant against the ``pairing``'s baseline(s) (an experiment's
+    :attr:`~moe_lite.experiments.runner.Experiment.pairing`), per metric: the mean paired difference
+    (variant − baseline) over seeds, its Student-t interval and the verdict. Per-seed values are
+    paired by their stored seed ids, or by ``seeds`` (the config's seed order) where a summary has
+    none. No rows when there is no pairing, no baseline ran, or fewer than 2 seeds ran. The title
+    names the baselines that ran."""
+    groups = pairing.groups(metrics) if pairing else {}
+    present = [b for b in (pairing.baselines if pairing else ()) if any(b in g for g in groups.values())]
+    title = (f"{PAIRED_TABLE} against {', '.join(present) or (pairing.first if pairing else '-')} "
+             f"(variant − baseline per seed; {confidence * 100:g}% t-interval over seeds)")
     if pairing is None:
         return title, []
     rows = []
-    for label, entries in pairing.groups(metrics).items():
-        base = entries.get(pairing.baseline)
-        if not isinstance(base, Mapping):
-            continue
-        for variant, entry in entries.items():
-            if variant == pairing.baseline or not isinstance(entry, Mapping):
+    for label, entries in groups.items():
+        for i, baseline in enumerate(pairing.baselines):
+            base = entries.get(baseline)
+            if not isinstance(base, Mapping):
                 continue
-            for metric, direction in pairing.metrics.items():
-                a, b = _lookup(entry, metric), _lookup(base, metric)
-                if not (isinstance(a, Mapping) and isinstance(b, Mapping) and "values" in a and "values" in b):
+            for variant, entry in entries.items():
+                # each pair once: not against itself, nor against a baseline listed before this one
+                if variant in pairing.baselines[:i + 1] or not isinstance(entry, Mapping):
                     continue
-                if min(len(a["values"]), len(b["values"])) < 2:
-                    continue
-                row = {"train images": label} if label else {}
-                row.update({"variant": variant, "baseline": pairing.baseline, "metric": metric,
-                            "better": direction})
-                try:
-                    r = paired_difference(seed_values(a, seeds), seed_values(b, seeds), confidence, direction)
-                except ValueError as err:
-                    rows.append({**row, "difference": None, "CI low": None, "CI high": None,
-                                 "seeds": len(a["values"]), "verdict": f"n/a: {err}"})
-                    continue
-                verdict = {"A better": f"{variant} better", "B better": f"{pairing.baseline} better"}.get(
-                    r.verdict, r.verdict)
-                rows.append({**row, "difference": r.mean, "CI low": r.low, "CI high": r.high, "seeds": r.n,
-                             "verdict": verdict})
+                for metric, direction in pairing.metrics.items():
+                    a, b = _lookup(entry, metric), _lookup(base, metric)
+                    if not (isinstance(a, Mapping) and isinstance(b, Mapping) and "values" in a and "values" in b):
+                        continue
+                    if min(len(a["values"]), len(b["values"])) < 2:
+                        continue
+                    row = {"train images": label} if label else {}
+                    row.update({"variant": variant, "baseline": baseline, "metric": metric,
+                                "better": direction})
+                    try:
+                        r = paired_difference(seed_values(a, seeds), seed_values(b, seeds), confidence, direction)
+                    except ValueError as err:
+                        rows.append({**row, "difference": None, "CI low": None, "CI high": None,
+                                     "seeds": len(a["values"]), "verdict": f"n/a: {err}"})
+                        continue
+                    verdict = {"A better": f"{variant} better", "B better": f"{baseline} better"}.get(
+                        r.verdict, r.verdict)
+                    rows.append({**row, "difference": r.mean, "CI low": r.low, "CI high": r.high, "seeds": r.n,
+                                 "verdict": verdict})
     return title, rows
-
-
-def add_paired_comparisons(result: "ExperimentResult") -> None:
-    """Add the :func:`paired_comparisons` table of ``result`` (from its metrics and seeds) to its
-    tables, when there is one."""
-    title, rows = paired_comparisons(result.name, result.metrics, result.config.get("seeds") or [])
-    if rows:
-        result.tables[title] = rows
 
 
 # ---- provenance -------------------------------------------------------------------------------------------

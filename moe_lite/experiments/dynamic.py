@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
 from ..data import CLASS_NAMES
-from ..models.vit import ViT, ViTConfig, dynamic_config, experts_per_sample, set_threshold, top2_config, topk_config
+from ..inspect import inference_threshold, record_routing
+from ..models.vit import ViT, ViTConfig, dynamic_config, top2_config, topk_config
+from ..routers import TopP
 from .. import viz
 from .common import ClassifySize, predict, routing_table, seeded_build, train_classifier
-from .core import Dataset, ExperimentResult, RunContext, Timer, add_paired_comparisons, format_mean_std, mean_std
+from .core import Dataset, ExperimentResult, Pairing, RunContext, format_mean_std, mean_std
+from .figures import dynamic_figures
+from .runner import Experiment, Run, run
 from .vimoe import SIZES as VIT_SIZES
 
 SIZES: Dict[str, ClassifySize] = VIT_SIZES
@@ -27,16 +31,12 @@ def base_config(size: str) -> ViTConfig:
 def expert_profile(model: torch.nn.Module, data: Dataset, device: torch.device,
                    batch_size: int = 500) -> Dict[str, torch.Tensor]:
     """Eval pass over ``data``: per-sample loss ``[N]``, correctness ``[N]``, experts per token per
-    sample averaged over MoE layers ``[N]``, and per layer ``{layer: [N]}``."""
-    per_layer: Dict[str, List[torch.Tensor]] = {}
-
-    def collect(m: torch.nn.Module, start: int) -> None:
-        for name, values in experts_per_sample(m).items():
-            per_layer.setdefault(name, []).append(values.cpu())
-
-    logits, losses = predict(model, data, device, batch_size, on_batch=collect)
-    layers = {name: torch.cat(v) for name, v in per_layer.items()}
-    mean = torch.stack(list(layers.values())).mean(0) if layers else torch.zeros(len(data))
+    sample averaged over MoE layers ``[N]``, and per layer ``{layer: [N]}`` (recorded with
+    :func:`moe_lite.inspect.record_routing`)."""
+    with record_routing(model) as rec:
+        logits, losses = predict(model, data, device, batch_size)
+    layers = rec.experts_per_sample()
+    mean = rec.mean_experts_per_sample()
     return {"loss": losses, "correct": (logits.argmax(-1) == data.y).float(), "experts": mean, "layers": layers}
 
 
@@ -58,72 +58,98 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / denom) if denom > 0 else 0.0
 
 
+#: name -> its ViTConfig from the backbone, the top-p threshold and the entropy weight. top-1 is the
+#: compute floor: top-p only saves compute if it beats one expert per token.
+VARIANTS: Dict[str, Callable[[ViTConfig, float, float], ViTConfig]] = {
+    "top-p": lambda base, p, w: dynamic_config(base, p=p, entropy_weight=w),
+    "top-1": lambda base, p, w: topk_config(base, k=1),
+    "top-2": lambda base, p, w: top2_config(base),
+    "top-p, no entropy loss": lambda base, p, w: dynamic_config(base, p=p, entropy_weight=0.0),
+}
+#: what ``entropy_ablation=False`` leaves out
+ABLATION = "top-p, no entropy loss"
+
+
+def _prepare(run: Run) -> Dict[str, Any]:
+    spec = run.spec
+    train_all, test_all = run.ctx.splits()
+    train, test = train_all.take(spec.n_per_class, seed=0), test_all.take(spec.test_per_class, seed=1)
+    run.state.update(train=train, test=test, base=base_config(run.ctx.size))
+    return {"p": run.options["p"], "entropy_weight": run.options["entropy_weight"], "seeds": run.seeds,
+            "models": list(run.variants), "train_images": len(train), "test_images": len(test),
+            "size": dataclasses.asdict(spec)}
+
+
+def _train(name: str, make: Callable[..., ViTConfig], seed: int, run: Run) -> Dict[str, Any]:
+    """One model for one seed: its difficulty numbers (:func:`_difficulty`); the first seed keeps
+    its model, routing, test-set profile and training curves."""
+    config = make(run.state["base"], run.options["p"], run.options["entropy_weight"])
+    test = run.state["test"]
+    record = train_classifier(name, seeded_build(seed, lambda: ViT(config)), run.ctx, run.spec, seed,
+                              run.state["train"], test, experiment="dynamic")
+    profile = expert_profile(record.model, test, run.ctx.device)
+    out: Dict[str, Any] = {"difficulty": _difficulty(profile, test)}
+    if run.first_seed(seed):
+        out.update(model=record.model, routing=record.metrics.get("routing"), profile=profile,
+                   figures={f"training curves: {name}": viz.training_curves(record.history)})
+    return out
+
+
+def _summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
+    result, test, seeds = run.result, run.state["test"], run.seeds
+    rows, hardness_rows = [], []
+    for name, by_seed in records.items():
+        per_seed = [r["difficulty"] for r in by_seed.values()]
+        first = by_seed[seeds[0]]["profile"]
+        result.metrics[f"{name}/routing"] = by_seed[seeds[0]]["routing"]
+        summary = {key: mean_std([d[key] for d in per_seed], seeds=seeds) for key in per_seed[0] if key != "layers"}
+        layers = {layer: mean_std([d["layers"][layer] for d in per_seed], seeds=seeds) for layer in per_seed[0]["layers"]}
+        result.metrics[name] = {
+            **summary,
+            "experts_per_layer": {k: v["mean"] for k, v in layers.items()},
+            "experts_per_layer_seeds": layers,
+            "experts_by_class": [float(first["experts"][test.y == c].mean()) for c in range(10)],
+            "accuracy_by_class": [float(first["correct"][test.y == c].mean()) for c in range(10)],
+        }
+        rows.append({"model": name, "accuracy": format_mean_std(summary["accuracy"], 4),
+                     "experts_per_token": format_mean_std(summary["experts_per_token"], 3),
+                     "seeds": len(per_seed),
+                     **{f"experts {k}": format_mean_std(v, 3) for k, v in layers.items()}})
+        hardness_rows.append({
+            "model": name,
+            "spearman(sample loss, experts)": format_mean_std(summary["loss_experts_spearman"], 3),
+            "experts, correct": format_mean_std(summary["experts_correct"], 3),
+            "experts, wrong": format_mean_std(summary["experts_wrong"], 3),
+            "spearman(class error, class experts)": format_mean_std(summary["class_error_experts_spearman"], 3),
+            "seeds": len(per_seed)})
+    run.table("comparison", "top-p vs top-1 and top-2", rows)
+    run.table("hardness", "do harder inputs take more experts?", hardness_rows)
+    if "top-p" in result.metrics:
+        _class_table_and_figures(run, test)
+        _threshold_sweep(run, test)
+
+
+DYNAMIC = Experiment(
+    "dynamic", "top-p vs top-1 and top-2: experts per token by layer, class and difficulty", SIZES, VARIANTS,
+    _train, _summarise, prepare=_prepare, options={"p": 0.4, "entropy_weight": 1e-4}, figures=dynamic_figures,
+    pairing=Pairing(("top-2", "top-1"), {"accuracy": "higher", "experts_per_token": "lower"}))
+
+
 def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
                 data: str = "auto", progress: bool = True, p: float = 0.4, entropy_weight: float = 1e-4,
-                entropy_ablation: bool = True, ctx: Optional[RunContext] = None) -> ExperimentResult:
-    """Train a top-p ViMoE (entropy ``entropy_weight`` + load balance 1e-2) and a top-2 ViMoE with
-    the same parameters (and, with ``entropy_ablation``, top-p without the entropy loss), for every
-    seed; report accuracy, mean experts per token (overall, per layer, per class), whether hard
+                entropy_ablation: bool = True, variants: Optional[Sequence[str]] = None,
+                ctx: Optional[RunContext] = None, settings: Any = None) -> ExperimentResult:
+    """Train a top-p ViMoE (entropy ``entropy_weight`` + load balance 1e-2), a top-1 and a top-2 ViMoE
+    with the same parameters (and, with ``entropy_ablation``, top-p without the entropy loss), for
+    every seed; report accuracy, mean experts per token (overall, per layer, per class), whether hard
     classes and high-loss samples take more experts, and an inference-only threshold sweep on the
     top-p model. Every number is a mean ± std over seeds; figures and per-class tables show the
-    first seed."""
-    ctx = ctx or RunContext.create(size, seeds, device, data, progress)
-    spec = SIZES[ctx.size]
-    train_all, test_all = ctx.splits()
-    train, test = train_all.take(spec.n_per_class, seed=0), test_all.take(spec.test_per_class, seed=1)
-    base = base_config(ctx.size)
-    # top-1 is the compute floor: top-p only saves compute if it beats one expert per token
-    configs = {"top-p": dynamic_config(base, p=p, entropy_weight=entropy_weight), "top-1": topk_config(base, k=1),
-               "top-2": top2_config(base)}
-    if entropy_ablation:
-        configs["top-p, no entropy loss"] = dynamic_config(base, p=p, entropy_weight=0.0)
-    result = ExperimentResult("dynamic", ctx.size, str(ctx.device), train_all.source,
-                              config={"p": p, "entropy_weight": entropy_weight, "seeds": ctx.seeds,
-                                      "models": list(configs), "train_images": len(train), "test_images": len(test),
-                                      "size": dataclasses.asdict(spec)})
-    with Timer() as timer:
-        rows, hardness_rows = [], []
-        for name, config in configs.items():
-            per_seed: List[Dict[str, float]] = []
-            for seed in ctx.seeds:
-                record = train_classifier(name, seeded_build(seed, lambda: ViT(config)), ctx, spec, seed, train, test,
-                                          experiment="dynamic")
-                profile = expert_profile(record.model, test, ctx.device)
-                per_seed.append(_difficulty(profile, test))
-                if seed == ctx.seeds[0]:
-                    result.models[name] = record.model
-                    result.figures[f"training curves: {name}"] = viz.training_curves(record.history)
-                    result.metrics[f"{name}/routing"] = record.metrics.get("routing")
-                    first = profile
-            summary = {key: mean_std([d[key] for d in per_seed], seeds=ctx.seeds)
-                       for key in per_seed[0] if key != "layers"}
-            layers = {layer: mean_std([d["layers"][layer] for d in per_seed], seeds=ctx.seeds)
-                      for layer in per_seed[0]["layers"]}
-            result.metrics[name] = {
-                **summary,
-                "experts_per_layer": {k: v["mean"] for k, v in layers.items()},
-                "experts_per_layer_seeds": layers,
-                "experts_by_class": [float(first["experts"][test.y == c].mean()) for c in range(10)],
-                "accuracy_by_class": [float(first["correct"][test.y == c].mean()) for c in range(10)],
-            }
-            rows.append({"model": name, "accuracy": format_mean_std(summary["accuracy"], 4),
-                         "experts_per_token": format_mean_std(summary["experts_per_token"], 3),
-                         "seeds": len(per_seed),
-                         **{f"experts {k}": format_mean_std(v, 3) for k, v in layers.items()}})
-            hardness_rows.append({
-                "model": name,
-                "spearman(sample loss, experts)": format_mean_std(summary["loss_experts_spearman"], 3),
-                "experts, correct": format_mean_std(summary["experts_correct"], 3),
-                "experts, wrong": format_mean_std(summary["experts_wrong"], 3),
-                "spearman(class error, class experts)": format_mean_std(summary["class_error_experts_spearman"], 3),
-                "seeds": len(per_seed)})
-        result.tables["top-p vs top-1 and top-2"] = rows
-        result.tables["do harder inputs take more experts?"] = hardness_rows
-        _class_table_and_figures(result, test)
-        _threshold_sweep(result, test, ctx)
-    add_paired_comparisons(result)
-    result.wall_time_s = timer.seconds
-    return result
+    first seed. ``variants``: keys of :data:`VARIANTS` (default: all, less the ablation without
+    ``entropy_ablation``)."""
+    if variants is None:
+        variants = [v for v in VARIANTS if entropy_ablation or v != ABLATION]
+    return run(DYNAMIC, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data, progress=progress,
+               variants=variants, p=p, entropy_weight=entropy_weight)
 
 
 def _difficulty(profile: Dict[str, torch.Tensor], test: Dataset) -> Dict[str, float]:
@@ -142,33 +168,36 @@ def _difficulty(profile: Dict[str, torch.Tensor], test: Dataset) -> Dict[str, fl
             "layers": {k: float(v.mean()) for k, v in profile["layers"].items()}}
 
 
-def _class_table_and_figures(result: ExperimentResult, test: Dataset) -> None:
+def _class_table_and_figures(run: Run, test: Dataset) -> None:
+    result = run.result
     dyn = result.metrics["top-p"]
-    result.tables["experts per class (top-p, first seed)"] = [
+    run.table("experts_per_class", "experts per class (top-p, first seed)", [
         {"class": CLASS_NAMES[c], "experts_per_token": round(v, 3), "accuracy": round(a, 4)}
-        for c, (v, a) in enumerate(zip(dyn["experts_by_class"], dyn["accuracy_by_class"]))]
+        for c, (v, a) in enumerate(zip(dyn["experts_by_class"], dyn["accuracy_by_class"]))])
     result.figures["experts per token by layer"] = viz.layer_stat_bars(
         {layer: {"experts_per_token": v} for layer, v in dyn["experts_per_layer"].items()},
         keys="experts_per_token", title="top-p: mean experts per token in each MoE layer")
-    result.figures["experts per token by class"] = viz.tradeoff_curve(
-        list(range(10)), dyn["experts_by_class"], labels=list(CLASS_NAMES), x_title="class",
-        y_title="mean experts per token", title="top-p: experts per token by class")
+    # classes are categories: one bar each, named (a line through class indices would suggest an order)
+    result.figures["experts per token by class"] = viz.layer_stat_bars(
+        {CLASS_NAMES[c]: {"experts_per_token": v} for c, v in enumerate(dyn["experts_by_class"])},
+        keys="experts_per_token", x_title="class", y_title="mean experts per token",
+        title="top-p: experts per token by class (first seed)")
     routing = result.metrics.get("top-p/routing")
     if routing:
-        result.tables["routing (top-p)"] = routing_table(routing)
+        run.table("routing", "routing (top-p)", routing_table(routing))
 
 
-def _threshold_sweep(result: ExperimentResult, test: Dataset, ctx: RunContext) -> None:
+def _threshold_sweep(run: Run, test: Dataset) -> None:
+    result, ctx = run.result, run.ctx
     model = result.models["top-p"]
     points = []
     trained_p = model.config.router_kwargs["p"]
     for value in SWEEP:
-        set_threshold(model, value)
-        profile = expert_profile(model, test, ctx.device)
+        with inference_threshold(model, value, kind=TopP):  # the trained p comes back on exit
+            profile = expert_profile(model, test, ctx.device)
         points.append({"p": value, "accuracy": float(profile["correct"].mean()),
                        "experts_per_token": float(profile["experts"].mean())})
-    set_threshold(model, trained_p)
-    result.tables["threshold sweep (inference only)"] = [{k: round(v, 4) for k, v in pt.items()} for pt in points]
+    run.table("threshold_sweep", "threshold sweep (inference only)", [{k: round(v, 4) for k, v in pt.items()} for pt in points])
     result.metrics["threshold_sweep"] = points
     result.figures["accuracy vs experts per token"] = viz.tradeoff_curve(
         [pt["experts_per_token"] for pt in points], [pt["accuracy"] for pt in points],
@@ -176,4 +205,4 @@ def _threshold_sweep(result: ExperimentResult, test: Dataset, ctx: RunContext) -
         title="top-p threshold moved at inference (trained at p=%.1f)" % trained_p)
 
 
-__all__ = ["run_dynamic", "expert_profile", "spearman", "base_config"]
+__all__ = ["run_dynamic", "DYNAMIC", "VARIANTS", "expert_profile", "spearman", "base_config"]

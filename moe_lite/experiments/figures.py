@@ -6,8 +6,7 @@ over seeds) can be redrawn at any time without training: ``python -m moe_lite re
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -23,13 +22,16 @@ def _std(value: Any) -> float:
     return value.get("std", 0.0) if isinstance(value, dict) else 0.0
 
 
-def _bars(names: Sequence[str], panels: Dict[str, List[Any]], title: str) -> go.Figure:
-    """One bar subplot per panel (``{panel title: [mean_std per name]}``), error bars = std."""
+def _bars(names: Sequence[str], panels: Dict[str, List[Any]], title: str, x_title: str = "variant") -> go.Figure:
+    """One bar subplot per panel (``{panel title: [mean_std per name]}``), error bars = std; each
+    panel's y axis is titled by its statistic, its x axis by ``x_title``."""
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=list(panels))
-    for col, values in enumerate(panels.values(), start=1):
+    for col, (panel, values) in enumerate(panels.items(), start=1):
         fig.add_trace(go.Bar(x=list(names), y=[_mean(v) for v in values],
                              error_y={"type": "data", "array": [_std(v) for v in values]},
                              marker_color="#4c78a8", showlegend=False), row=1, col=col)
+        fig.update_yaxes(title_text=panel.split(" (")[0], row=1, col=col)
+        fig.update_xaxes(title_text=x_title, row=1, col=col)
     fig.update_layout(title=title, height=420, width=max(520, 340 * len(panels)), margin={"b": 140})
     fig.update_annotations(font_size=12)
     fig.update_xaxes(tickangle=-35)
@@ -39,7 +41,7 @@ def _bars(names: Sequence[str], panels: Dict[str, List[Any]], title: str) -> go.
 def diffusion_figures(record: Record) -> Dict[str, go.Figure]:
     """dit / race: per study table, bars of the classifier-feature FD and conditional accuracy
     (Table 2: MaxVio and combination usage too)."""
-    from .diffusion import STUDY_TABLES
+    from .diffusion import STUDY_TABLES  # here, not at the top: diffusion.py imports this module
 
     metrics, figs = record["metrics"], {}
     tables = [(t, names) for t, names in STUDY_TABLES if all(n in metrics for n in names)]
@@ -68,6 +70,7 @@ def grid_figures(record: Record) -> Dict[str, go.Figure]:
     low = min(cell[v]["accuracy"]["mean"] for cell in cells.values() for v in variants)
     fig.update_layout(barmode="group", title="ViMoE: placement x shared expert x training-set size "
                       "(mean ± std over seeds)",
+                      xaxis={"title": "variant"},
                       yaxis={"title": "test accuracy", "range": [max(0.0, low - 0.08), None]},
                       height=440, width=900, margin={"b": 140})
     return {"accuracy": fig}
@@ -84,7 +87,7 @@ def dynamic_figures(record: Record) -> Dict[str, go.Figure]:
         fig.add_trace(go.Bar(name=name, x=list(layers), y=[v["mean"] for v in layers.values()],
                              error_y={"type": "data", "array": [v["std"] for v in layers.values()]}))
     fig.update_layout(barmode="group", title="experts per token in each MoE layer (mean ± std over seeds)",
-                      yaxis={"title": "experts per token"}, height=400, width=720)
+                      xaxis={"title": "MoE layer"}, yaxis={"title": "experts per token"}, height=400, width=720)
     figs["experts-per-layer"] = fig
     sweep = metrics.get("threshold_sweep")
     if sweep:
@@ -118,51 +121,29 @@ def compare_figures(record: Record) -> Dict[str, go.Figure]:
               "MaxVio": [seeds[n].get("max_vio") for n in names],
               "combination usage %": [seeds[n].get("combination_usage") for n in names],
               "accuracy": [metrics[n]["accuracy"] for n in names]}
-    return {"balance": _bars(names, panels, "balancing methods on top-2 (mean ± std over seeds)")}
+    return {"balance": _bars(names, panels, "balancing methods on top-2 (mean ± std over seeds)", x_title="method")}
 
 
 def adapt_figures(record: Record) -> Dict[str, go.Figure]:
     """adapt: accuracy against trainable parameters and against adapter FLOPs per token."""
     metrics = record["metrics"]
     names = [n for n in record["config"]["methods"] if n in metrics]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["trainable parameters", "adapter FLOPs per token"])
-    for col, key in enumerate(("trainable_params", "adapter_flops_per_token"), start=1):
-        fig.add_trace(go.Scatter(x=[max(metrics[n][key], 1) for n in names],
-                                 y=[metrics[n]["accuracy"]["mean"] for n in names],
-                                 error_y={"type": "data", "array": [metrics[n]["accuracy"]["std"] for n in names]},
-                                 mode="markers+text", text=names, textposition="top center", showlegend=False),
+    panels = {"trainable_params": "trainable parameters", "adapter_flops_per_token": "adapter FLOPs per token"}
+    # a log axis has no 0: a method that costs nothing on an axis (a linear probe has no adapter) is
+    # left out of that panel, and its title says so, rather than drawn at a made-up 1
+    shown = {key: [n for n in names if metrics[n][key] > 0] for key in panels}
+    titles = [label + (f"<br><sup>not drawn (0 on this log axis): {', '.join(n for n in names if n not in shown[key])}"
+                       f"</sup>" if len(shown[key]) < len(names) else "") for key, label in panels.items()]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles)
+    for col, (key, label) in enumerate(panels.items(), start=1):
+        kept = shown[key]
+        fig.add_trace(go.Scatter(x=[metrics[n][key] for n in kept],
+                                 y=[metrics[n]["accuracy"]["mean"] for n in kept],
+                                 error_y={"type": "data", "array": [metrics[n]["accuracy"]["std"] for n in kept]},
+                                 mode="markers+text", text=kept, textposition="top center", showlegend=False),
                       row=1, col=col)
-        fig.update_xaxes(type="log", row=1, col=col)
+        fig.update_xaxes(type="log", title_text=f"{label} (log scale)", row=1, col=col)
+        fig.update_yaxes(title_text="test accuracy", row=1, col=col)
     fig.update_layout(title="adapting a frozen ViT to new classes (mean ± std over seeds)",
                       yaxis={"title": "test accuracy"}, height=460, width=1000)
     return {"accuracy-vs-cost": fig}
-
-
-BUILDERS: Dict[str, Callable[[Record], Dict[str, go.Figure]]] = {
-    "dit": diffusion_figures, "race": diffusion_figures, "vimoe-grid": grid_figures,
-    "dynamic": dynamic_figures, "zoo": compare_figures, "balance": compare_figures, "adapt": adapt_figures,
-}
-
-
-def record_figures(record: Record) -> Dict[str, go.Figure]:
-    """The summary figures of one run's JSON record (``{}`` for experiments without any)."""
-    builder = BUILDERS.get(record.get("name", ""))
-    return builder(record) if builder else {}
-
-
-def write_figures(record: Record, folder: str | Path, fmt: str = "svg") -> Dict[str, Path]:
-    """Write ``record``'s figures as ``<folder>/<experiment>-<figure>.<fmt>``; returns name -> path.
-
-    ``fmt``: ``svg`` or ``png`` (both need ``kaleido``) or ``html`` (plotly.js from its CDN).
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, fig in record_figures(record).items():
-        path = folder / f"{record['name']}-{name}.{fmt}"
-        if fmt == "html":
-            fig.write_html(path, include_plotlyjs="cdn")
-        else:
-            fig.write_image(path)
-        paths[name] = path
-    return paths

@@ -1,36 +1,68 @@
-"""The named experiments and a runner that writes their JSON and HTML."""
+"""The registry: every experiment's declaration, in the order the results page shows them, and the
+runner of several at once that writes their JSON and HTML.
+
+Adding an experiment: declare it (:class:`~moe_lite.experiments.runner.Experiment`) in its own module
+and add it to :data:`EXPERIMENTS` below (or :func:`register` it at run time).
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
-from ..train import pick_device
-from .adapt import run_adapt
-from .core import Experiment, ExperimentResult, RunContext, resolve_size
-from .diffusion import run_dit, run_race
-from .dynamic import run_dynamic
-from .report import UsageError, check_output_folder
-from .sequence import run_sequence
-from .vimoe import run_vimoe, run_vimoe_grid
-from .zoo import run_balance, run_zoo
+from .adapt import ADAPT
+from .core import ExperimentResult, Pairing, RunContext, UsageError, check_output_folder, resolve_size
+from .diffusion import DIT, RACE
+from .dynamic import DYNAMIC
+from .runner import Experiment, UnknownVariant, check_device, run
+from .sequence import SEQUENCE
+from .vimoe import VIMOE, VIMOE_GRID
+from .zoo import BALANCE_EXPERIMENT, ZOO_EXPERIMENT
 
+__all__ = ["EXPERIMENTS", "UnknownVariant", "UsageError", "check_seeds", "check_variants", "pairing_of", "register",
+           "record_figures", "run_experiments", "write_figures"]
+
+#: name -> declaration; this order is the order of ``list``, of ``run all`` and of the results page
 EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
-    Experiment("vimoe", "ViT vs ViMoE (shared expert, placement), class x expert maps", run_vimoe),
-    Experiment("vimoe-grid", "ViMoE placement x shared expert x training-set size, over seeds", run_vimoe_grid),
-    Experiment("dynamic", "top-p vs top-1 and top-2: experts per token by layer, class and difficulty", run_dynamic),
-    Experiment("zoo", "every router on the same ViMoE: accuracy, balance, compute", run_zoo),
-    Experiment("balance", "balancing methods on top-2: load CV, MaxVio, combination usage", run_balance),
-    Experiment("adapt", "LoRA experts on a frozen ViT vs linear probe, LoRA, full fine-tuning", run_adapt),
-    Experiment("dit", "DiT-MoE: token choice vs expert choice vs Expert Race, samples, FD", run_dit),
-    Experiment("race", "Expert Race study: routing strategy, gating, cumulative ablation, balance (3 seeds)",
-               run_race),
-    Experiment("sequence", "causal LM on multi-task sequences: experts per token by ground-truth difficulty, "
-                           "task and layer", run_sequence),
-]}
+    RACE, DIT, DYNAMIC, SEQUENCE, VIMOE_GRID, VIMOE, ADAPT, ZOO_EXPERIMENT, BALANCE_EXPERIMENT]}
 
 
-class UnknownVariant(UsageError):
-    """A ``variants`` selection names something an experiment does not have."""
+def register(experiment: Experiment, registry: Optional[Dict[str, Experiment]] = None) -> Experiment:
+    """Add ``experiment`` to ``registry`` (default :data:`EXPERIMENTS`), last; returns it."""
+    target = EXPERIMENTS if registry is None else registry
+    if experiment.name in target and target[experiment.name] is not experiment:
+        raise ValueError(f"an experiment named {experiment.name!r} is already registered")
+    target[experiment.name] = experiment
+    return experiment
+
+
+def pairing_of(name: str) -> Optional[Pairing]:
+    """The paired-comparison spec of experiment ``name`` (None when it has none or is unknown)."""
+    experiment = EXPERIMENTS.get(name)
+    return experiment.pairing if experiment is not None else None
+
+
+def record_figures(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The summary figures of one run's JSON record (``{}`` for experiments without any)."""
+    experiment = EXPERIMENTS.get(record.get("name", ""))
+    return experiment.figures(record) if experiment is not None and experiment.figures is not None else {}
+
+
+def write_figures(record: Dict[str, Any], folder: str | Path, fmt: str = "svg") -> Dict[str, Path]:
+    """Write ``record``'s figures as ``<folder>/<experiment>-<figure>.<fmt>``; returns name -> path.
+
+    ``fmt``: ``svg`` or ``png`` (both need ``kaleido``) or ``html`` (plotly.js from its CDN).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, fig in record_figures(record).items():
+        path = folder / f"{record['name']}-{name}.{fmt}"
+        if fmt == "html":
+            fig.write_html(path, include_plotlyjs="cdn")
+        else:
+            fig.write_image(path)
+        paths[name] = path
+    return paths
 
 
 #: seeds are 0 <= seed <= MAX_SEED: what every RNG they reach accepts (torch, NumPy's legacy
@@ -45,61 +77,50 @@ def check_seeds(seeds: Optional[Sequence[int]]) -> None:
             raise UsageError(f"seed {seed!r}: seeds are integers from 0 to {MAX_SEED} (2**32 - 1)")
 
 
-#: the keyword through which each experiment takes a selection of variants, and their names
-def _selectable() -> Dict[str, Tuple[str, Sequence[str]]]:
-    from . import adapt, diffusion, sequence, vimoe, zoo
-
-    vit_variants = ("dense", *vimoe.VARIANTS)
-    return {"vimoe": ("variants", vit_variants + vimoe.UPCYCLE_VARIANTS), "vimoe-grid": ("variants", vit_variants),
-            "dit": ("variants", tuple(diffusion.VARIANTS)), "race": ("variants", tuple(diffusion.VARIANTS)),
-            "zoo": ("routers", tuple(zoo.ZOO)), "balance": ("methods", tuple(zoo.BALANCE)),
-            "adapt": ("methods", tuple(adapt.METHODS)), "sequence": ("variants", tuple(sequence.VARIANTS))}
-
-
-def variant_kwargs(name: str, variants: Optional[Sequence[str]]) -> Dict[str, List[str]]:
-    """``{keyword: variants}`` for experiment ``name`` (empty when ``variants`` is None); raises
-    :class:`UnknownVariant` when the experiment takes no selection or a name is not one of its own."""
-    if variants is None:
-        return {}
-    table = _selectable()
-    if name not in table:
-        raise UnknownVariant(f"experiment {name!r} takes no --variants (those that do: {', '.join(table)})")
-    keyword, known = table[name]
-    unknown = [v for v in variants if v not in known]
-    if unknown:
-        raise UnknownVariant(f"{name} has no variant(s) {unknown}; choose from {list(known)}")
-    return {keyword: list(variants)}
-
-
-def run_experiments(names: Sequence[str], size: Optional[str] = None, out: str | Path = "results",
-                    data: str = "auto", seeds: Optional[Sequence[int]] = None, device: str = "auto",
-                    progress: bool = True, variants: Optional[Sequence[str]] = None) -> List[ExperimentResult]:
-    """Run the named experiments in one process (data loaded once); save each as soon as it ends.
-    ``variants``: run only these variants of each experiment (see :func:`variant_kwargs`).
-
-    Every argument, and that ``out`` is a folder that can be written, is checked before any data
-    is loaded or model trained: :class:`UsageError` naming the one at fault.
-    """
+def check_names(names: Sequence[str]) -> None:
+    """:class:`UsageError` naming the experiments that are not registered."""
     unknown = [name for name in names if name not in EXPERIMENTS]
     if unknown:
         raise UsageError(f"unknown experiment(s): {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)} "
                          f"(the command line also takes 'all')")
-    selections = {name: variant_kwargs(name, variants) for name in names}
+
+
+def check_variants(names: Sequence[str], variants: Optional[Sequence[str]]) -> None:
+    """:class:`UnknownVariant` when ``variants`` names something one of the experiments lacks."""
+    if variants is not None:
+        for name in names:
+            EXPERIMENTS[name].select(variants)
+
+
+def run_experiments(names: Sequence[str], size: Optional[str] = None, out: str | Path = "results",
+                    data: str = "auto", seeds: Optional[Sequence[int]] = None, device: str = "auto",
+                    progress: bool = True, variants: Optional[Sequence[str]] = None,
+                    settings: Any = None) -> List[ExperimentResult]:
+    """Run the named experiments in one process (data loaded once); save each as soon as it ends.
+    ``variants``: run only these variants of each experiment. ``settings``: a
+    :class:`moe_lite.settings.Settings` in place of ``size``, ``data`` and ``device``.
+
+    Every argument, and that ``out`` is a folder that can be written, is checked before any data
+    is loaded or model trained: :class:`UsageError` naming the one at fault.
+    """
+    check_names(names)
+    check_variants(names, variants)
     check_seeds(seeds)
-    try:
-        resolve_size(size)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    try:
-        pick_device(device)
-    except (RuntimeError, ValueError) as err:  # torch.device("bogus") raises RuntimeError
-        raise UsageError(str(err) if repr(device) in str(err) else f"device {device!r}: {err}") from None
+    if settings is None:
+        try:
+            resolve_size(size)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        check_device(device)
     check_output_folder(out, f"out {out}")
-    ctx = RunContext.create(size, seeds, device, data, progress)
+    if settings is not None:
+        ctx = RunContext.create(seeds=seeds, progress=progress, settings=settings)
+    else:
+        ctx = RunContext.create(size, seeds, device, data, progress)
     results = []
     for name in names:
         print(f"== {name} ({ctx.size}, {ctx.device}) ==", flush=True)
-        result = EXPERIMENTS[name].fn(ctx=ctx, **selections[name])
+        result = run(EXPERIMENTS[name], ctx, variants=variants)
         if variants is not None:
             result.config["selected_variants"] = list(variants)
         json_path, html_path = result.save(out)

@@ -16,35 +16,16 @@ import importlib.util
 import json
 import os
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from ..settings import published_results_dir
 from ..stats import PairedDifference, accuracy_se, check_sentence, paired_difference
-from .core import PAIRED_TABLE, PAIRINGS, paired_comparisons, seed_values
+from .core import PAIRED_TABLE, UsageError, check_output_folder, paired_comparisons, seed_values
+from .registry import EXPERIMENTS, pairing_of, write_figures
 
-EXPERIMENT_ORDER = ("race", "dit", "dynamic", "sequence", "vimoe-grid", "vimoe", "adapt", "zoo", "balance")
-
-
-class UsageError(ValueError):
-    """A bad argument or input file, found before any work; the message names it (the command line
-    prints it as one line and exits with code 2)."""
-
-
-def check_output_folder(folder: str | Path, what: str) -> Path:
-    """Create ``folder`` (and its parents) if needed and check a file can be written there, with a
-    probe file that is removed again; raises :class:`UsageError` naming ``what`` (the argument,
-    e.g. ``"out results/"``) and the folder."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".moe_lite-write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        reason = "a file of that name is in the way" if folder.is_file() else err.strerror or str(err)
-        raise UsageError(f"{what}: cannot create or write the folder {folder} ({reason})") from None
-    return folder
+__all__ = ["UsageError", "check_output_folder", "load_records", "render", "section", "write_report", "published",
+           "show_published", "record_comparison", "check_record_sentence"]
 
 
 #: the keys every record (a JSON file of ``run``) has, the optional ones, and their JSON types
@@ -125,7 +106,7 @@ def record_paired_table(record: Dict[str, Any]) -> Optional[tuple]:
         if title.startswith(PAIRED_TABLE):
             return title, rows, None
     metrics, seeds = record.get("metrics") or {}, (record.get("config") or {}).get("seeds") or []
-    title, rows = paired_comparisons(record["name"], metrics, seeds)
+    title, rows = paired_comparisons(pairing_of(record["name"]), metrics, seeds)
     if not rows:
         return None
     note = ("Computed by the report from the per-seed values stored in the JSON"
@@ -160,11 +141,11 @@ def evaluation_noise(record: Dict[str, Any]) -> List[str]:
     """Sentences on how noisy one evaluation is: the binomial standard error of the baseline's
     accuracy on the test split (or of the DiT's conditional accuracy on its samples), and the FD
     noise floor (real against real images at the same sample count) where the run stored it."""
-    pairing = PAIRINGS.get(record["name"])
+    pairing = pairing_of(record["name"])
     metrics = record.get("metrics") or {}
     if pairing is None:
         return []
-    base = next((g[pairing.baseline] for g in pairing.groups(metrics).values() if pairing.baseline in g), None)
+    base = next((g[pairing.first] for g in pairing.groups(metrics).values() if pairing.first in g), None)
     out = []
     if "accuracy" in pairing.metrics and isinstance(base, dict) and isinstance(base.get("accuracy"), dict):
         n, how = _test_images(record)
@@ -225,7 +206,7 @@ def record_comparison(record: Dict[str, Any], name_a: str, name_b: str, metric: 
     and ``name_b``, found where the experiment keeps its variants (``group``: the training-set
     size for ``vimoe-grid``). Seed ids come from the values, else the config's seed order.
     KeyError naming what is missing."""
-    pairing = PAIRINGS.get(record["name"])
+    pairing = pairing_of(record["name"])
     if pairing is None:
         raise KeyError(f"{record['name']}: no paired comparisons defined for this experiment")
     metrics = record.get("metrics") or {}
@@ -263,7 +244,7 @@ def load_records(folder: str | Path) -> List[Dict[str, Any]]:
         raise UsageError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}; "
                          f"give the folder where 'python -m moe_lite run' wrote its JSON files")
     records = [read_record(p) for p in sorted(folder.glob("*.json"))]
-    order = {name: i for i, name in enumerate(EXPERIMENT_ORDER)}
+    order = {name: i for i, name in enumerate(EXPERIMENTS)}  # the registry's order
     return sorted(records, key=lambda r: (order.get(r["name"], len(order)), r["name"]))
 
 
@@ -309,8 +290,6 @@ def write_report(folder: str | Path, out: str | Path | None = None, intro: str |
         check_output_folder(figures, f"figures {figures}")
     links: Dict[str, Dict[str, str]] = {}
     if figures is not None:
-        from .figures import write_figures
-
         base = Path(out).parent if out is not None else Path.cwd()
         for record in records:
             paths = write_figures(record, figures, fmt=figure_format)
@@ -321,15 +300,21 @@ def write_report(folder: str | Path, out: str | Path | None = None, intro: str |
     return text
 
 
-def published(name: str, size: str = "quick", root: str | Path | None = None) -> Dict[str, Any]:
-    """The published result of experiment ``name`` (``docs/results/<size>/<name>.json`` of the
-    repository), as the results page shows it: notebooks quote these numbers.
+def published(name: str, size: str = "quick", root: str | Path | None = None,
+              results_dir: str | Path | None = None) -> Dict[str, Any]:
+    """The published result of experiment ``name`` (``<results_dir>/<size>/<name>.json``), as the
+    results page shows it: notebooks quote these numbers.
 
-    Raises ``FileNotFoundError`` (saying how to make the file) when the repository's ``docs`` folder
-    is not there, e.g. in a pip-installed copy.
+    ``results_dir``: ``Settings.results_dir``; default :func:`moe_lite.settings.published_results_dir`
+    (the checkout's ``docs/results``). ``root``: a repository root instead (``<root>/docs/results``).
+    Raises ``FileNotFoundError`` (saying how to make the file) when there is no such file, e.g. in a
+    pip-installed copy.
     """
-    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
-    path = root / "docs" / "results" / size / f"{name}.json"
+    if root is not None:
+        results_dir = Path(root) / "docs" / "results"
+    elif results_dir is None:
+        results_dir = published_results_dir()
+    path = Path(results_dir or "docs/results") / size / f"{name}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: published results live in the repository's docs/results/; "
                                 f"make your own with: python -m moe_lite run {name} --size {size} --out results/")
@@ -343,10 +328,12 @@ class Markdown(str):
         return str(self)
 
 
-def show_published(name: str, tables: Optional[Sequence[str]] = None, size: str = "quick") -> Markdown:
+def show_published(name: str, tables: Optional[Sequence[str]] = None, size: str = "quick",
+                   results_dir: str | Path | None = None) -> Markdown:
     """The published tables of ``name`` (all, or those whose titles start with one of ``tables``)
-    with the command that produced them, as markdown that a notebook cell renders as tables."""
-    record = published(name, size)
+    with the command that produced them, as markdown that a notebook cell renders as tables.
+    ``results_dir``: as :func:`published`."""
+    record = published(name, size, results_dir=results_dir)
     chosen = {t: v for t, v in record["tables"].items()
               if tables is None or any(t.startswith(prefix) for prefix in tables)}
     if not chosen:

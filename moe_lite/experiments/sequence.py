@@ -34,10 +34,11 @@ from ..sequences import LEVELS, SEQ_LEN, TASKS, VOCAB, Sequences, chance_accurac
     make_sequence_loader, predicting_positions
 from ..train import TrainConfig
 from .common import cached_fit, data_fingerprint, seeded_build
-from .core import ExperimentResult, RunContext, Timer, format_mean_std, mean_std
+from .core import ExperimentResult, RunContext, format_mean_std, mean_std
 from .dynamic import spearman
+from .runner import Experiment, Run, run
 
-__all__ = ["run_sequence", "SIZES", "VARIANTS", "DEFAULT_VARIANTS", "SequenceSize", "variant_config",
+__all__ = ["run_sequence", "SEQUENCE", "SIZES", "VARIANTS", "DEFAULT_VARIANTS", "SequenceSize", "variant_config",
            "sequence_profile", "seed_statistics", "mutual_information", "threshold_sweep"]
 
 
@@ -248,62 +249,71 @@ def _seed_mean_std(per_seed: List[Dict[str, Any]], key: str) -> Any:
     return mean_std([d[key] for d in per_seed])
 
 
+def _prepare(run: Run) -> Dict[str, Any]:
+    spec = run.spec
+    train, test = load_sequences("train", spec.train, seed=0), load_sequences("test", spec.test, seed=0)
+    run.state.update(train=train, test=test)
+    return {"seeds": run.seeds, "variants": list(run.variants), "tasks": list(TASKS), "levels": LEVELS,
+            "train_rows": len(train), "test_rows": len(test), "size": dataclasses.asdict(spec)}
+
+
+def _train(name: str, definition: tuple, seed: int, run: Run) -> Dict[str, Any]:
+    """One routing variant for one seed: :func:`seed_statistics` on the test rows; the first seed
+    also its model and training curves."""
+    ctx, test = run.ctx, run.state["test"]
+    config = variant_config(name, ctx.size)
+    model = seeded_build(seed, lambda: CausalLM(config))
+    if ctx.progress:
+        print(f"[{name}] seed {seed}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    history = _fit(name, model, run.state["train"], test, run.spec, seed, ctx)
+    out: Dict[str, Any] = {"stats": seed_statistics(sequence_profile(model, test, ctx.device))}
+    if run.first_seed(seed):
+        out.update(model=model, figures={f"training curves: {name}": viz.training_curves(history)})
+    return out
+
+
+def _summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
+    result = run.result
+    stats = {name: [r["stats"] for r in per_seed.values()] for name, per_seed in records.items()}
+    for name, per_seed in stats.items():
+        result.metrics[f"{name}/first_seed"] = per_seed[0]
+        result.metrics[name] = {key: _seed_mean_std(per_seed, key) for key in per_seed[0]}
+    _tables(run, stats)
+    _figures(result, stats)
+    if "top-p" in result.models:
+        sweep = threshold_sweep(result.models["top-p"], run.state["test"], run.ctx.device)
+        result.metrics["threshold_sweep"] = sweep
+        run.table("threshold_sweep", "top-p threshold moved after training (first seed)", [
+            {"p": pt["p"], "accuracy": round(pt["accuracy"], 4),
+             "experts_per_token": round(pt["experts_per_token"], 3),
+             **{f"experts, level {q}": round(v, 3) for q, v in enumerate(pt["experts_by_level"])}}
+            for pt in sweep])
+    result.notes.append("Tokens measured: the positions that predict an answer token (position p predicts "
+                        "token p + 1); mutual information: every non-padding token, in bits.")
+    result.notes.append("Race is evaluated with its EMA threshold: each token is routed on its own scores, "
+                        "independent of the batch and of later tokens (causal at inference).")
+
+
+SEQUENCE = Experiment(
+    "sequence", "causal LM on multi-task sequences: experts per token by ground-truth difficulty, task and layer",
+    SIZES, VARIANTS, _train, _summarise, prepare=_prepare, default_variants=DEFAULT_VARIANTS,
+    data_source="generated (moe_lite.sequences)", context=_SequenceContext)
+
+
 def run_sequence(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
                  data: str = "auto", progress: bool = True, variants: Sequence[str] = DEFAULT_VARIANTS,
-                 ctx: Optional[RunContext] = None) -> ExperimentResult:
+                 ctx: Optional[RunContext] = None, settings: Any = None) -> ExperimentResult:
     """Train each routing variant (``variants``, from :data:`VARIANTS`) on the sequence set for every
     seed and measure where the experts go (see the module docstring). Numbers in the tables are
     mean ± std over seeds; figures and the threshold sweep use the first seed. ``data`` is accepted
     for the common experiment signature and unused (the sequences are generated, never loaded).
     """
-    ctx = ctx or RunContext.create(size, seeds, device, data, progress)
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise ValueError(f"variants must be a non-empty selection of {list(VARIANTS)}, got {list(variants)}")
-    run_ctx = _SequenceContext(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(RunContext)})
-    spec = SIZES[ctx.size]
-    train, test = load_sequences("train", spec.train, seed=0), load_sequences("test", spec.test, seed=0)
-    result = ExperimentResult("sequence", ctx.size, str(ctx.device), "generated (moe_lite.sequences)",
-                              config={"seeds": ctx.seeds, "variants": list(variants), "tasks": list(TASKS),
-                                      "levels": LEVELS, "train_rows": len(train), "test_rows": len(test),
-                                      "size": dataclasses.asdict(spec)})
-    with Timer() as timer:
-        stats: Dict[str, List[Dict[str, Any]]] = {}
-        for name in variants:
-            config = variant_config(name, ctx.size)
-            stats[name] = []
-            for seed in ctx.seeds:
-                model = seeded_build(seed, lambda: CausalLM(config))
-                if ctx.progress:
-                    print(f"[{name}] seed {seed}: {sum(p.numel() for p in model.parameters()):,} parameters")
-                history = _train(name, model, train, test, spec, seed, run_ctx)
-                profile = sequence_profile(model, test, ctx.device)
-                stats[name].append(seed_statistics(profile))
-                if seed == ctx.seeds[0]:
-                    result.models[name] = model
-                    result.figures[f"training curves: {name}"] = viz.training_curves(history)
-                    result.metrics[f"{name}/first_seed"] = stats[name][-1]
-            result.metrics[name] = {key: _seed_mean_std(stats[name], key) for key in stats[name][0]}
-        _tables(result, stats)
-        _figures(result, stats)
-        if "top-p" in result.models:
-            sweep = threshold_sweep(result.models["top-p"], test, ctx.device)
-            result.metrics["threshold_sweep"] = sweep
-            result.tables["top-p threshold moved after training (first seed)"] = [
-                {"p": pt["p"], "accuracy": round(pt["accuracy"], 4),
-                 "experts_per_token": round(pt["experts_per_token"], 3),
-                 **{f"experts, level {q}": round(v, 3) for q, v in enumerate(pt["experts_by_level"])}}
-                for pt in sweep]
-    result.notes.append("Tokens measured: the positions that predict an answer token (position p predicts "
-                        "token p + 1); mutual information: every non-padding token, in bits.")
-    result.notes.append("Race is evaluated with its EMA threshold: each token is routed on its own scores, "
-                        "independent of the batch and of later tokens (causal at inference).")
-    result.wall_time_s = timer.seconds
-    return result
+    return run(SEQUENCE, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data,
+               progress=progress, variants=variants)
 
 
-def _train(name: str, model: nn.Module, train: Sequences, test: Sequences, spec: SequenceSize, seed: int,
-           ctx: RunContext):
+def _fit(name: str, model: nn.Module, train: Sequences, test: Sequences, spec: SequenceSize, seed: int,
+         ctx: RunContext):
     train_loader = make_sequence_loader(train, spec.batch_size, shuffle=True, seed=seed)
     test_loader = make_sequence_loader(test, 500, shuffle=False)
     config = TrainConfig(max_steps=spec.max_steps, lr=spec.lr, seed=seed, device=str(ctx.device),
@@ -313,15 +323,20 @@ def _train(name: str, model: nn.Module, train: Sequences, test: Sequences, spec:
                       key=(seed, task, data_fingerprint(test_loader.dataset)))
 
 
-def _tables(result: ExperimentResult, stats: Dict[str, List[Dict[str, Any]]]) -> None:
+#: short name -> title of the tables with one row per model
+TABLES = {"accuracy_by_task": "accuracy by task", "accuracy_by_level": "accuracy by difficulty level",
+          "experts_by_level": "experts per token by difficulty level", "experts_by_task": "experts per token by task",
+          "experts_by_layer": "experts per token by layer",
+          "mi_task": "mutual information of expert choice with the task (bits, per layer)",
+          "mi_token": "mutual information of expert choice with the token (bits, per layer)"}
+
+
+def _tables(run: Run, stats: Dict[str, List[Dict[str, Any]]]) -> None:
     def column(name: str, key: str, index: Optional[int] = None, digits: int = 3) -> Any:
         values = [d[key] if index is None else d[key][index] for d in stats[name]]
         return _cell(values, digits)
 
-    rows = {"accuracy by task": [], "accuracy by difficulty level": [], "experts per token by difficulty level": [],
-            "experts per token by task": [], "experts per token by layer": [],
-            "mutual information of expert choice with the task (bits, per layer)": [],
-            "mutual information of expert choice with the token (bits, per layer)": []}
+    rows: Dict[str, List[Dict[str, Any]]] = {title: [] for title in TABLES.values()}
     for name, per_seed in stats.items():
         seeds = {"seeds": len(per_seed)}
         rows["accuracy by task"].append({"model": name, "all": column(name, "accuracy"),
@@ -344,12 +359,13 @@ def _tables(result: ExperimentResult, stats: Dict[str, List[Dict[str, Any]]]) ->
             table = f"mutual information of expert choice with the {title} (bits, per layer)"
             rows[table].append({"model": name, **{layer: _cell([d[key][layer]["mi"] for d in per_seed], 3)
                                                   for layer in layers}, **seeds})
-    result.tables.update(rows)
+    for name, title in TABLES.items():
+        run.table(name, title, rows[title])
     first_name = "top-p" if "top-p" in stats else next(iter(stats))
     first = stats[first_name][0]
-    result.tables[f"accuracy by task and level ({first_name}, first seed; chance in brackets)"] = [
+    run.table("accuracy_by_task_level", f"accuracy by task and level ({first_name}, first seed; chance in brackets)", [
         {"task": t, **{f"level {q}": f"{first['accuracy_by_task_level'][i][q]:.3f} ({chance_accuracy(t, q):.2f})"
-                       for q in range(LEVELS)}} for i, t in enumerate(TASKS)]
+                       for q in range(LEVELS)}} for i, t in enumerate(TASKS)])
 
 
 def _figures(result: ExperimentResult, stats: Dict[str, List[Dict[str, Any]]]) -> None:

@@ -24,7 +24,9 @@ from torch import Tensor
 
 from ..train import atomic_save, read_checkpoint
 from .common import shipped_key
-from .core import SHIPPED_DIR, SIZES, RunContext
+from .core import SHIPPED_DIR, SIZES, RunContext, UsageError
+from .registry import EXPERIMENTS, check_variants
+from .runner import run
 
 
 def slim(payload: Dict[str, Any], key: str, dtype: torch.dtype = torch.float16) -> Dict[str, Any]:
@@ -50,18 +52,16 @@ def ship(experiments: Sequence[str], size: str = "quick", seeds: Sequence[int] =
     """Run ``experiments`` (CPU, ``size``, ``seeds``; ``variants`` as ``python -m moe_lite run --variants``)
     with the user ``cache`` and write the slimmed copy of every checkpoint they used under ``dest``.
     Returns ``[(file written, bytes)]``."""
-    from .registry import EXPERIMENTS, UsageError, variant_kwargs
-
     unknown = [name for name in experiments if name not in EXPERIMENTS]
     if unknown:
         raise UsageError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
-    selections = {name: variant_kwargs(name, variants) for name in experiments}
+    check_variants(experiments, variants)
     ctx = RunContext.create(size, seeds, device="cpu", data=data, progress=False, cache=cache, shipped=False)
     if ctx.cache_dir is None:
         raise UsageError("ship copies from the user cache: cache=None has none")
     for name in experiments:
         print(f"== {name} ({size}, seeds {list(seeds)}) ==", flush=True)
-        EXPERIMENTS[name].fn(ctx=ctx, **selections[name])
+        run(EXPERIMENTS[name], ctx, variants=variants)
     written = []
     for path in dict.fromkeys(ctx.checkpoints_used):  # in order, once each
         payload = read_checkpoint(path)
@@ -91,8 +91,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--data", default="auto", choices=("auto", "embedded"))
     parser.add_argument("--fp32", action="store_true", help="keep the weights in fp32 (default: fp16)")
     args = parser.parse_args(argv)
-    from .registry import UsageError
-
     try:
         ship(args.experiments, args.size, args.seeds, args.variants, args.cache, args.dest,
              torch.float32 if args.fp32 else torch.float16, args.data)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -14,7 +14,9 @@ from ..layers import moe_layers
 from ..models.reference import REFERENCES, PixelClassifier
 from ..upcycle import upcycle, upcycled_config
 from .common import QUICK_MODEL, ClassifySize, predict, routing_by_class, routing_table, seeded_build, train_classifier
-from .core import ExperimentResult, RunContext, Timer, add_paired_comparisons, format_mean_std, mean_std
+from .core import ExperimentResult, Pairing, RunContext, format_mean_std, mean_std
+from .figures import grid_figures
+from .runner import Experiment, Run, run
 
 SIZES: Dict[str, ClassifySize] = {
     "smoke": ClassifySize(n_per_class=24, test_per_class=10, epochs=1, batch_size=60,
@@ -73,10 +75,85 @@ def vimoe_variant(name: str, base: ViTConfig, num_experts: int = 8, k: int = 2) 
                                             num_shared=shared), **extra)
 
 
+#: every variant of ``vimoe``: name -> how its model is made ("dense", (placement, shared experts),
+#: or "upcycled")
+ALL_VARIANTS: Dict[str, Any] = {"dense": "dense", **VARIANTS, **{v: "upcycled" for v in UPCYCLE_VARIANTS}}
+
+
+def _variant_config(name: str, base: ViTConfig) -> ViTConfig:
+    return upcycled_config(base, **UPCYCLE_KWARGS) if name in UPCYCLE_VARIANTS else vimoe_variant(name, base)
+
+
+def _prepare(run: Run) -> Dict[str, Any]:
+    spec = run.spec
+    train_all, test_all = run.ctx.splits()
+    train = train_all.take(run.options["n_per_class"] or spec.n_per_class, seed=0)
+    test = test_all.take(spec.test_per_class, seed=1)
+    run.state.update(train=train, test=test, base=dataclasses.replace(ViTConfig(), **spec.model))
+    return {"variants": list(run.variants), "seeds": run.seeds, "train_images": len(train),
+            "test_images": len(test), "size": dataclasses.asdict(spec)}
+
+
+def _fit_variant(variant: str, seed: int, run: Run, train) -> Any:
+    """The training record (:func:`train_classifier`) of ``variant`` for ``seed`` on ``train``."""
+    base, spec, test = run.state["base"], run.spec, run.state["test"]
+    if variant == "vimoe-upcycled":
+        return _train_upcycled(run.ctx, spec, seed, base, train, test)
+    config = _variant_config(variant, base)
+    model = seeded_build(seed, lambda: ViT(config))
+    return train_classifier(variant, model, run.ctx, spec, seed, train, test, experiment="vimoe")
+
+
+def _train(variant: str, definition: Any, seed: int, run: Run) -> Dict[str, Any]:
+    record = _fit_variant(variant, seed, run, run.state["train"])
+    out = {"accuracy": record.metrics["accuracy"], "train_time_s": record.metrics["train_time_s"],
+           "steps": record.metrics["steps"], "routing": record.metrics.get("routing"), "model": record.model}
+    if run.first_seed(seed):
+        out["figures"] = {f"training curves: {variant}": viz.training_curves(record.history)}
+    return out
+
+
+def _variant_entry(per_seed: Dict[int, Dict[str, Any]], run: Run) -> Dict[str, Any]:
+    """One variant's metrics: accuracy and training time over seeds; parameters, steps and routing
+    of the first seed's model."""
+    first = per_seed[run.seeds[0]]
+    params = count_parameters(first["model"])
+    return {"accuracy": run.over_seeds(per_seed, "accuracy"), "params_total": params["total"],
+            "params_active_per_token": params["active_per_token"],
+            "train_time_s": run.over_seeds(per_seed, "train_time_s"), "steps": first["steps"],
+            "routing": first.get("routing")}
+
+
+def _summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
+    result, rows, per_variant = run.result, [], {}
+    for variant, per_seed in records.items():
+        config = _variant_config(variant, run.state["base"])
+        entry = per_variant[variant] = _variant_entry(per_seed, run)
+        summary = entry["accuracy"]
+        rows.append({"variant": variant, "placement": config.moe_layers, "shared": config.num_shared,
+                     "accuracy": round(summary["mean"], 4), "accuracy_std": round(summary["std"], 4),
+                     "seeds": summary["n"], "params": entry["params_total"],
+                     "active_params": int(entry["params_active_per_token"]),
+                     "train_s": round(entry["train_time_s"]["mean"], 1)})
+    result.metrics["variants"] = per_variant
+    if run.options["references"]:
+        rows += _reference_rows(result, run.ctx, run.spec, run.state["train"], run.state["test"])
+    run.table("accuracy", "accuracy", rows)
+    if run.options["routing_views"]:
+        _routing_views(run, run.state["test"])
+
+
+VIMOE = Experiment(
+    "vimoe", "ViT vs ViMoE (shared expert, placement), class x expert maps", SIZES, ALL_VARIANTS, _train,
+    _summarise, prepare=_prepare, default_variants=DEFAULT_VARIANTS,
+    options={"n_per_class": None, "routing_views": True, "references": True},
+    pairing=Pairing("dense", {"accuracy": "higher"}, "variants"))
+
+
 def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
               data: str = "auto", progress: bool = True, variants: Sequence[str] = DEFAULT_VARIANTS,
               n_per_class: Optional[int] = None, ctx: Optional[RunContext] = None,
-              routing_views: bool = True, references: bool = True) -> ExperimentResult:
+              routing_views: bool = True, references: bool = True, settings: Any = None) -> ExperimentResult:
     """Train each variant (default: the dense ViT and ViMoE with a shared expert, last-2 placement)
     for every seed; report accuracy (mean and spread over seeds), parameters, routing statistics,
     class x expert maps per MoE layer and test images with each patch coloured by its expert.
@@ -85,52 +162,8 @@ def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
     ``references``: add a logistic regression and a one-hidden-layer MLP on the pixels to the table,
     trained by the same trainer on the same data, so a reader sees where the ViTs stand.
     """
-    ctx = ctx or RunContext.create(size, seeds, device, data, progress)
-    spec = SIZES[ctx.size]
-    base = dataclasses.replace(ViTConfig(), **spec.model)
-    train_all, test_all = ctx.splits()
-    train = train_all.take(n_per_class or spec.n_per_class, seed=0)
-    test = test_all.take(spec.test_per_class, seed=1)
-    result = ExperimentResult("vimoe", ctx.size, str(ctx.device), train_all.source,
-                              config={"variants": list(variants), "seeds": ctx.seeds, "train_images": len(train),
-                                      "test_images": len(test), "size": dataclasses.asdict(spec)})
-    with Timer() as timer:
-        rows, per_variant = [], {}
-        for variant in variants:
-            upcycling = variant in UPCYCLE_VARIANTS
-            config = upcycled_config(base, **UPCYCLE_KWARGS) if upcycling else vimoe_variant(variant, base)
-            accs, runs = [], []
-            for seed in ctx.seeds:
-                if variant == "vimoe-upcycled":
-                    record = _train_upcycled(ctx, spec, seed, base, train, test)
-                else:
-                    model = seeded_build(seed, lambda: ViT(config))
-                    record = train_classifier(variant, model, ctx, spec, seed, train, test, experiment="vimoe")
-                accs.append(record.metrics["accuracy"])
-                runs.append(record)
-            params = count_parameters(runs[0].model)
-            summary = mean_std(accs, seeds=ctx.seeds)
-            per_variant[variant] = {"accuracy": summary, "params_total": params["total"],
-                                    "params_active_per_token": params["active_per_token"],
-                                    "train_time_s": mean_std([r.metrics["train_time_s"] for r in runs],
-                                                             seeds=ctx.seeds),
-                                    "steps": runs[0].metrics["steps"], "routing": runs[0].metrics.get("routing")}
-            rows.append({"variant": variant, "placement": config.moe_layers, "shared": config.num_shared,
-                         "accuracy": round(summary["mean"], 4), "accuracy_std": round(summary["std"], 4),
-                         "seeds": summary["n"], "params": params["total"],
-                         "active_params": int(params["active_per_token"]),
-                         "train_s": round(per_variant[variant]["train_time_s"]["mean"], 1)})
-            result.models[variant] = runs[0].model
-            result.figures[f"training curves: {variant}"] = viz.training_curves(runs[0].history)
-        result.metrics["variants"] = per_variant
-        if references:
-            rows += _reference_rows(result, ctx, spec, train, test)
-        result.tables["accuracy"] = rows
-        if routing_views:
-            _routing_views(result, test, ctx)
-    add_paired_comparisons(result)
-    result.wall_time_s = timer.seconds
-    return result
+    return run(VIMOE, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data, progress=progress,
+               variants=variants, n_per_class=n_per_class, routing_views=routing_views, references=references)
 
 
 def _train_upcycled(ctx: RunContext, spec: ClassifySize, seed: int, base: ViTConfig, train, test):
@@ -172,8 +205,9 @@ def _reference_rows(result: ExperimentResult, ctx: RunContext, spec: ClassifySiz
     return rows
 
 
-def _routing_views(result: ExperimentResult, test, ctx: RunContext) -> None:
+def _routing_views(run: Run, test) -> None:
     """Class x expert maps and patch overlays for the first MoE variant of the run."""
+    result, ctx = run.result, run.ctx
     moe_name = next((n for n in result.models if n != "dense"), None)
     if moe_name is None:
         return
@@ -186,7 +220,7 @@ def _routing_views(result: ExperimentResult, test, ctx: RunContext) -> None:
             part, label_names=CLASS_NAMES, title=f"{moe_name}, {layer_name}: share of each class's tokens per expert")
     stats = result.metrics["variants"][moe_name].get("routing") or {}
     if stats:
-        result.tables[f"routing ({moe_name})"] = routing_table(stats)
+        run.table("routing", f"routing ({moe_name})", routing_table(stats))
     # one test image per class, each patch coloured by its first expert in the last MoE layer
     first = [int((test.y == c).nonzero()[0]) for c in range(10) if (test.y == c).any()]
     model.eval()
@@ -198,12 +232,13 @@ def _routing_views(result: ExperimentResult, test, ctx: RunContext) -> None:
         denormalize(test.x[first]), experts,
         patch_size=model.config.patch_size, num_experts=model.config.num_experts, ncols=5,
         labels=test.y[first], label_names=CLASS_NAMES)
-    _path_views(result, model, moe_name, test, ctx)
+    _path_views(run, model, moe_name, test)
 
 
-def _path_views(result: ExperimentResult, model, moe_name: str, test, ctx: RunContext) -> None:
+def _path_views(run: Run, model, moe_name: str, test) -> None:
     """Expert co-activation per MoE layer and the cross-layer expert paths of ``model`` over the
     test set (:mod:`moe_lite.analysis`), with how predictable each layer's top expert is from the last."""
+    result, ctx = run.result, run.ctx
     co: Dict[str, torch.Tensor] = {}
     tokens: Dict[str, int] = {}
     paths: Dict = {}
@@ -224,9 +259,9 @@ def _path_views(result: ExperimentResult, model, moe_name: str, test, ctx: RunCo
     if paths:
         predictability = {f"{a} -> {b}": analysis.transition_predictability(c) for (a, b), c in paths.items()}
         result.metrics["cross_layer_predictability"] = predictability
-        result.tables[f"cross-layer expert predictability ({moe_name})"] = [
+        run.table("cross_layer_predictability", f"cross-layer expert predictability ({moe_name})", [
             {"layers": k, **{m: round(v[m], 4) for m in ("top1_accuracy", "baseline_accuracy", "normalized_mi",
-                                                         "conditional_entropy")}} for k, v in predictability.items()]
+                                                         "conditional_entropy")}} for k, v in predictability.items()])
         result.figures["cross-layer expert paths"] = viz.expert_sankey(
             paths, title=f"{moe_name}: each test token's top expert, layer to layer")
 
@@ -238,10 +273,68 @@ def class_specialisation(fraction) -> float:
     return float(0.5 * (dist - dist.mean(0, keepdim=True)).abs().sum(-1).mean())
 
 
+def _grid_prepare(run: Run) -> Dict[str, Any]:
+    spec = run.spec
+    train_all, test_all = run.ctx.splits()
+    sizes = list(run.options["train_sizes"] if run.options["train_sizes"] is not None
+                 else GRID_TRAIN_SIZES[run.ctx.size])
+    # one training set per cell size: None takes the size's own (every image at quick size)
+    trains = {"all" if n is None else str(n): train_all.take(n or spec.n_per_class, seed=0) for n in sizes}
+    run.state.update(trains=trains, test=test_all.take(spec.test_per_class, seed=1),
+                     base=dataclasses.replace(ViTConfig(), **spec.model))
+    return {"variants": list(run.variants), "train_sizes": sizes, "seeds": run.seeds, "size": dataclasses.asdict(spec)}
+
+
+def _grid_train(variant: str, definition: Any, seed: int, run: Run) -> Dict[str, Any]:
+    """One variant for one seed at every training-set size: ``{size label: record}``."""
+    cells = {}
+    for label, train in run.state["trains"].items():
+        record = _fit_variant(variant, seed, run, train)
+        cells[label] = {"accuracy": record.metrics["accuracy"], "train_time_s": record.metrics["train_time_s"],
+                        "steps": record.metrics["steps"], "routing": record.metrics.get("routing"),
+                        "model": record.model}
+    return {"cells": cells}
+
+
+def _grid_summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
+    result, test, variants = run.result, run.state["test"], list(records)
+    cells: Dict[str, Dict[str, Any]] = {}
+    for label, train in run.state["trains"].items():
+        cells[label] = {"train_images": len(train),
+                        **{v: _variant_entry({seed: r["cells"][label] for seed, r in per_seed.items()}, run)
+                           for v, per_seed in records.items()}}
+    result.metrics["cells"] = cells
+    run.table("accuracy", "accuracy by training-set size (mean ± std over seeds)", [
+        {"variant": v, "placement": VARIANTS[v][0] if v in VARIANTS else "none (dense)",
+         "shared": VARIANTS[v][1] if v in VARIANTS else "-",
+         **{f"acc, {cell['train_images']} images": format_mean_std(cell[v]["accuracy"], 4)
+            for cell in cells.values()}}
+        for v in variants])
+    run.table("seed_spread", "seed spread: shared expert vs none (std of accuracy, in points)",
+              _spread_rows(cells, variants))
+    last = list(run.state["trains"])[-1]
+    models = {v: per_seed[run.seeds[0]]["cells"][last]["model"] for v, per_seed in records.items()}
+    run.table("specialisation", "class specialisation per MoE layer (0 = class-blind)",
+              _specialisation_rows(models, test, run.ctx))
+    result.figures["accuracy by training-set size"] = viz.tradeoff_curve(
+        [cells[label]["train_images"] for label in cells for v in variants],
+        [cells[label][v]["accuracy"]["mean"] for label in cells for v in variants],
+        labels=[f"{v} ({cells[label]['train_images']})" for label in cells for v in variants],
+        x_title="training images", y_title="test accuracy (mean over seeds)",
+        title="ViMoE placement x shared expert, by training-set size")
+
+
+VIMOE_GRID = Experiment(
+    "vimoe-grid", "ViMoE placement x shared expert x training-set size, over seeds", SIZES,
+    {"dense": "dense", **VARIANTS}, _grid_train, _grid_summarise, prepare=_grid_prepare,
+    default_variants=GRID_VARIANTS, options={"train_sizes": None}, figures=grid_figures,
+    pairing=Pairing("dense", {"accuracy": "higher"}, "cells"))
+
+
 def run_vimoe_grid(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
                    data: str = "auto", progress: bool = True, variants: Sequence[str] = GRID_VARIANTS,
                    train_sizes: Optional[Sequence[Optional[int]]] = None,
-                   ctx: Optional[RunContext] = None) -> ExperimentResult:
+                   ctx: Optional[RunContext] = None, settings: Any = None) -> ExperimentResult:
     """ViMoE's design questions at small scale: placement (all / every-2 / last-2) x shared expert,
     at several training-set sizes (default :data:`GRID_TRAIN_SIZES`), every cell over all seeds.
 
@@ -249,39 +342,8 @@ def run_vimoe_grid(size: Optional[str] = None, *, seeds: Optional[Sequence[int]]
     expert; class specialisation of every MoE layer (total-variation distance of each class's
     expert distribution from the average, on the test set; first seed, largest training set).
     """
-    ctx = ctx or RunContext.create(size, seeds, device, data, progress)
-    sizes = list(train_sizes if train_sizes is not None else GRID_TRAIN_SIZES[ctx.size])
-    train_all, test_all = ctx.splits()
-    test = test_all.take(SIZES[ctx.size].test_per_class, seed=1)
-    result = ExperimentResult("vimoe-grid", ctx.size, str(ctx.device), train_all.source,
-                              config={"variants": list(variants), "train_sizes": sizes, "seeds": ctx.seeds,
-                                      "size": dataclasses.asdict(SIZES[ctx.size])})
-    with Timer() as timer:
-        cells: Dict[str, Dict[str, Dict]] = {}
-        last = None
-        for n in sizes:
-            label = "all" if n is None else str(n)
-            part = run_vimoe(ctx=ctx, variants=variants, n_per_class=n, routing_views=False)
-            cells[label] = {"train_images": part.config["train_images"], **part.metrics["variants"]}
-            last = part
-        result.metrics["cells"] = cells
-        result.tables["accuracy by training-set size (mean ± std over seeds)"] = [
-            {"variant": v, "placement": VARIANTS[v][0] if v in VARIANTS else "none (dense)",
-             "shared": VARIANTS[v][1] if v in VARIANTS else "-",
-             **{f"acc, {cell['train_images']} images": format_mean_std(cell[v]["accuracy"], 4)
-                for cell in cells.values()}}
-            for v in variants]
-        result.tables["seed spread: shared expert vs none (std of accuracy, in points)"] = _spread_rows(cells, variants)
-        result.tables["class specialisation per MoE layer (0 = class-blind)"] = _specialisation_rows(last, test, ctx)
-        result.figures["accuracy by training-set size"] = viz.tradeoff_curve(
-            [cells[label]["train_images"] for label in cells for v in variants],
-            [cells[label][v]["accuracy"]["mean"] for label in cells for v in variants],
-            labels=[f"{v} ({cells[label]['train_images']})" for label in cells for v in variants],
-            x_title="training images", y_title="test accuracy (mean over seeds)",
-            title="ViMoE placement x shared expert, by training-set size")
-    add_paired_comparisons(result)
-    result.wall_time_s = timer.seconds
-    return result
+    return run(VIMOE_GRID, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data,
+               progress=progress, variants=variants, train_sizes=train_sizes)
 
 
 def _spread_rows(cells: Dict[str, Dict], variants: Sequence[str]):
@@ -301,9 +363,9 @@ def _spread_rows(cells: Dict[str, Dict], variants: Sequence[str]):
     return rows
 
 
-def _specialisation_rows(part: ExperimentResult, test, ctx: RunContext):
+def _specialisation_rows(models: Dict[str, Any], test, ctx: RunContext):
     rows = []
-    for variant, model in part.models.items():
+    for variant, model in models.items():
         if variant == "dense":
             continue
         per_layer = routing_by_class(model, test, ctx.device)

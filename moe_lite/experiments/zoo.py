@@ -7,7 +7,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 from ..models.vit import ViT, ViTConfig
 from .. import viz
 from .common import QUICK_MODEL, ClassifySize, StepStats, layer_mean, seeded_build, train_classifier
-from .core import ExperimentResult, RunContext, Timer, add_paired_comparisons, format_mean_std, mean_std
+from .core import ExperimentResult, Pairing, RunContext, format_mean_std, mean_std
+from .figures import compare_figures
+from .runner import Experiment, Run, run
 
 SIZES: Dict[str, ClassifySize] = {
     "smoke": ClassifySize(n_per_class=12, test_per_class=6, epochs=1, batch_size=40,
@@ -73,95 +75,100 @@ def entry_config(base: ViTConfig, router: str, kwargs: Dict[str, Any], losses: D
     return dataclasses.replace(base, router=router, router_kwargs=kwargs, moe_losses=losses)
 
 
-def _compare(name: str, table: Mapping[str, Tuple[str, Dict[str, Any], Dict[str, float]]],
-             ctx: RunContext, which: Optional[Sequence[str]], description: str) -> ExperimentResult:
-    spec = SIZES[ctx.size]
-    train_all, test_all = ctx.splits()
+def _prepare(run: Run) -> Dict[str, Any]:
+    spec, table = run.spec, run.experiment.variants
+    train_all, test_all = run.ctx.splits()
     train, test = train_all.take(spec.n_per_class, seed=0), test_all.take(spec.test_per_class, seed=1)
-    chosen = list(which or table)
-    unknown = [c for c in chosen if c not in table]
-    if unknown:
-        raise ValueError(f"unknown {name} entries {unknown}; choose from {list(table)}")
-    result = ExperimentResult(name, ctx.size, str(ctx.device), train_all.source,
-                              config={"entries": {c: {"router": table[c][0], "kwargs": table[c][1],
-                                                      "losses": table[c][2]} for c in chosen},
-                                      "seeds": ctx.seeds, "train_images": len(train), "test_images": len(test),
-                                      "size": dataclasses.asdict(spec)},
-                              notes=[description])
-    base = backbone(ctx.size)
     # record the balance statistics often enough for a curve (a smoke run has only 3 steps)
     steps = spec.max_steps or spec.epochs * -(-len(train) // spec.batch_size)
-    every = max(1, min(5, steps // 10))
-    with Timer() as timer:
-        rows, curves = [], {}
-        for entry in chosen:
-            router, kwargs, losses = table[entry]
-            config = entry_config(base, router, kwargs, losses)
-            accs, stats_runs = [], []
-            for seed in ctx.seeds:
-                tracker = StepStats(every=every)
-                model = seeded_build(seed, lambda: ViT(config))
-                record = train_classifier(entry, model, ctx, spec, seed, train, test, callbacks=[tracker],
-                                          experiment=name, key=(f"stats every {every}",))
-                accs.append(record.metrics["accuracy"])
-                stats_runs.append(record.metrics.get("routing") or {})
-                if seed == ctx.seeds[0]:
-                    curves[entry] = tracker.records
-                    result.models[entry] = record.model
-            layer_stats = stats_runs[0]
-            keys = ("experts_per_token", "load_cv", "max_vio", "dropped_fraction", "dead_experts",
-                    "combination_usage", "router_entropy_norm")
-            # mean over MoE layers per seed, then mean and std over seeds
-            per_seed = [layer_mean(stats, keys) for stats in stats_runs]
-            routing_seeds = {k: mean_std([s[k] for s in per_seed], seeds=ctx.seeds)
-                             for k in keys if all(k in s for s in per_seed)}
-            acc = mean_std(accs, seeds=ctx.seeds)
-            result.metrics[entry] = {"accuracy": acc, "routing": layer_stats,
-                                     "routing_mean": {k: v["mean"] for k, v in routing_seeds.items()},
-                                     "routing_seeds": routing_seeds}
-            rows.append({name if name != "zoo" else "router": entry, "accuracy": format_mean_std(acc, 4),
-                         "seeds": acc["n"],
-                         **{k: format_mean_std(v, 3) for k, v in routing_seeds.items()}})
-            if router == SOFT:
-                slots = config.num_experts * config.slots_per_expert
-                result.metrics[entry]["expert_forwards_per_token"] = slots / config.seq_len
-                rows[-1].update({"dropped_fraction": "0 (no dropping)", "note": "not causal; see notes"})
-                result.notes.append(SOFT_NOTE)
-        result.tables["comparison (test set; routing statistics = mean over MoE layers)"] = rows
-        result.metrics["curves"] = curves
-        result.figures["balance during training"] = viz.stat_curves(
-            curves, x="step", keys=("load_cv", "max_vio", "combination_usage", "router_entropy_norm"))
-        for entry in chosen:  # collapse and recovery, expert by expert (routed entries only)
-            load = viz.expert_load_heatmap(curves[entry], title=f"{entry}: expert load during training "
-                                           "(share of assignments; white = balanced 1/E)")
-            if load.data:
-                result.figures[f"expert load during training: {entry}"] = load
-        result.figures["accuracy"] = viz.tradeoff_curve(
-            [result.metrics[c]["routing_mean"].get(
-                "experts_per_token", result.metrics[c].get("expert_forwards_per_token", 0.0)) for c in chosen],
-            [result.metrics[c]["accuracy"]["mean"] for c in chosen],
-            labels=chosen, x_title="mean experts per token (compute)", y_title="test accuracy",
-            title=f"{name}: accuracy against compute")
-    add_paired_comparisons(result)
-    result.wall_time_s = timer.seconds
-    return result
+    run.state.update(train=train, test=test, base=backbone(run.ctx.size), every=max(1, min(5, steps // 10)))
+    run.result.notes.append(DESCRIPTIONS[run.experiment.name])
+    return {"entries": {c: {"router": table[c][0], "kwargs": table[c][1], "losses": table[c][2]} for c in run.variants},
+            "seeds": run.seeds, "train_images": len(train), "test_images": len(test),
+            "size": dataclasses.asdict(spec)}
+
+
+def _train(entry: str, definition: Tuple[str, Dict[str, Any], Dict[str, float]], seed: int, run: Run) -> Dict[str, Any]:
+    """One entry for one seed: accuracy, routing statistics and the balance curve of training."""
+    every = run.state["every"]
+    config = entry_config(run.state["base"], *definition)
+    tracker = StepStats(every=every)
+    model = seeded_build(seed, lambda: ViT(config))
+    record = train_classifier(entry, model, run.ctx, run.spec, seed, run.state["train"], run.state["test"],
+                              callbacks=[tracker], experiment=run.experiment.name, key=(f"stats every {every}",))
+    return {"accuracy": record.metrics["accuracy"], "routing": record.metrics.get("routing") or {},
+            "curve": tracker.records, "model": record.model, "config": config}
+
+
+#: the routing statistics of the tables, each a mean over MoE layers per seed, then over seeds
+KEYS = ("experts_per_token", "load_cv", "max_vio", "dropped_fraction", "dead_experts", "combination_usage",
+        "router_entropy_norm")
+
+
+def _summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
+    name, result, table = run.experiment.name, run.result, run.experiment.variants
+    rows, curves = [], {}
+    for entry, per_seed in records.items():
+        first = per_seed[run.seeds[0]]
+        curves[entry] = first["curve"]
+        means = [layer_mean(r["routing"], KEYS) for r in per_seed.values()]
+        routing_seeds = {k: mean_std([s[k] for s in means], seeds=list(per_seed))
+                         for k in KEYS if all(k in s for s in means)}
+        acc = run.over_seeds(per_seed, "accuracy")
+        result.metrics[entry] = {"accuracy": acc, "routing": first["routing"],
+                                 "routing_mean": {k: v["mean"] for k, v in routing_seeds.items()},
+                                 "routing_seeds": routing_seeds}
+        rows.append({name if name != "zoo" else "router": entry, "accuracy": format_mean_std(acc, 4),
+                     "seeds": acc["n"], **{k: format_mean_std(v, 3) for k, v in routing_seeds.items()}})
+        if table[entry][0] == SOFT:
+            config = first["config"]
+            result.metrics[entry]["expert_forwards_per_token"] = config.num_experts * config.slots_per_expert / config.seq_len
+            rows[-1].update({"dropped_fraction": "0 (no dropping)", "note": "not causal; see notes"})
+            result.notes.append(SOFT_NOTE)
+    run.table("comparison", "comparison (test set; routing statistics = mean over MoE layers)", rows)
+    chosen = list(records)
+    result.metrics["curves"] = curves
+    result.figures["balance during training"] = viz.stat_curves(
+        curves, x="step", keys=("load_cv", "max_vio", "combination_usage", "router_entropy_norm"))
+    for entry in chosen:  # collapse and recovery, expert by expert (routed entries only)
+        load = viz.expert_load_heatmap(curves[entry], title=f"{entry}: expert load during training "
+                                       "(share of assignments; white = balanced 1/E)")
+        if load.data:
+            result.figures[f"expert load during training: {entry}"] = load
+    result.figures["accuracy"] = viz.tradeoff_curve(
+        [result.metrics[c]["routing_mean"].get(
+            "experts_per_token", result.metrics[c].get("expert_forwards_per_token", 0.0)) for c in chosen],
+        [result.metrics[c]["accuracy"]["mean"] for c in chosen],
+        labels=chosen, x_title="mean experts per token (compute)", y_title="test accuracy",
+        title=f"{name}: accuracy against compute")
+
+
+DESCRIPTIONS = {"zoo": "Every router trained on the same ViMoE (8 experts, last 2 blocks) with the same budget.",
+                "balance": "Top-2 routing on the same ViMoE; only the balancing method changes."}
+
+ZOO_EXPERIMENT = Experiment(
+    "zoo", "every router on the same ViMoE: accuracy, balance, compute", SIZES, ZOO, _train, _summarise,
+    prepare=_prepare, figures=compare_figures, pairing=Pairing("top-2", {"accuracy": "higher"}))
+BALANCE_EXPERIMENT = Experiment(
+    "balance", "balancing methods on top-2: load CV, MaxVio, combination usage", SIZES, BALANCE, _train, _summarise,
+    prepare=_prepare, figures=compare_figures,
+    pairing=Pairing("no balancing", {"accuracy": "higher", "routing_seeds.max_vio": "lower"}))
 
 
 def run_zoo(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
-            data: str = "auto", progress: bool = True, routers: Optional[Sequence[str]] = None,
-            ctx: Optional[RunContext] = None) -> ExperimentResult:
+            data: str = "auto", progress: bool = True, variants: Optional[Sequence[str]] = None,
+            ctx: Optional[RunContext] = None, settings: Any = None) -> ExperimentResult:
     """Every router of the kit on the same ViMoE backbone: accuracy, balance and compute (and Soft MoE
-    blocks in place of the routed ones, a row without routing statistics)."""
-    ctx = ctx or RunContext.create(size, seeds, device, data, progress)
-    return _compare("zoo", ZOO, ctx, routers,
-                    "Every router trained on the same ViMoE (8 experts, last 2 blocks) with the same budget.")
+    blocks in place of the routed ones, a row without routing statistics). ``variants``: router names
+    (keys of :data:`ZOO`)."""
+    return run(ZOO_EXPERIMENT, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data,
+               progress=progress, variants=variants)
 
 
 def run_balance(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
-                data: str = "auto", progress: bool = True, methods: Optional[Sequence[str]] = None,
-                ctx: Optional[RunContext] = None) -> ExperimentResult:
+                data: str = "auto", progress: bool = True, variants: Optional[Sequence[str]] = None,
+                ctx: Optional[RunContext] = None, settings: Any = None) -> ExperimentResult:
     """Keeping experts busy: top-2 routing with no balancing, each balance loss, and bias balancing;
-    load CV, MaxVio and combination usage during training."""
-    ctx = ctx or RunContext.create(size, seeds, device, data, progress)
-    return _compare("balance", BALANCE, ctx, methods,
-                    "Top-2 routing on the same ViMoE; only the balancing method changes.")
+    load CV, MaxVio and combination usage during training. ``variants``: keys of :data:`BALANCE`."""
+    return run(BALANCE_EXPERIMENT, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data,
+               progress=progress, variants=variants)

@@ -50,9 +50,9 @@ __all__ = [
 ]
 
 # ---- dit.py (DiT / DiT-MoE): its exports go below this line ------------------------------------------
-from .dit import DiT, DiTConfig, DiffusionTask  # noqa: E402
+from .dit import DiT, DiTConfig  # noqa: E402
 
-__all__ += ["DiT", "DiTConfig", "DiffusionTask"]
+__all__ += ["DiT", "DiTConfig"]
 
 # ---- lm.py (causal LM on the synthetic multi-task sequences) ------------------------------------------
 from .lm import CausalLM, LMConfig, SequenceTask  # noqa: E402

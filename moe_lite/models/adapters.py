@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -29,9 +30,9 @@ from torch import Tensor, nn
 
 from .. import losses as _losses
 from ..layers import GATE_INIT_STD, MoELayer
-from ..routers import InferenceThreshold, _check_real
+from ..routers import FixedThreshold, InferenceThreshold, RouterSpec, _check_real
 from ..routing import Routing
-from .vit import ViT, router_from_name
+from .vit import ViT
 
 __all__ = [
     "LoRALinear",
@@ -48,11 +49,12 @@ __all__ = [
 #: the adaptation methods :func:`adapt` knows.
 METHODS = ("linear_probe", "lora", "lora_experts", "full")
 
-#: router keyword defaults used by :func:`adapt` when ``router_kwargs`` is not given.
-_ROUTER_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "topk": {"k": 2, "renormalize": True},  # MixLoRA: softmax -> top-2 -> renormalise
-    "topp": {"p": 0.4},  # Huang et al. 2024
-}
+#: the router a name gives :func:`adapt` when ``router_kwargs`` is not given (other names: the
+#: router class's own defaults).
+_ROUTER_DEFAULTS: Mapping[str, RouterSpec] = MappingProxyType({
+    "topk": RouterSpec("topk", k=2, renormalize=True),  # MixLoRA: softmax -> top-2 -> renormalise
+    "topp": RouterSpec("topp", p=0.4),  # Huang et al. 2024
+})
 
 RouterFactory = Callable[[int, int], nn.Module]
 
@@ -106,8 +108,8 @@ class LoRALinear(nn.Module):
 
 # ---- a routed mixture of LoRA experts ---------------------------------------------------------
 def threshold_routing(logits: Tensor, threshold: float, renormalize: bool = True) -> Routing:
-    """Fixed-threshold routing: every expert whose softmax probability is ``>= threshold``, at least
-    the top one.
+    """``FixedThreshold(threshold, renormalize)(logits)`` (:class:`moe_lite.routers.FixedThreshold`):
+    every expert whose softmax probability is ``>= threshold``, at least the top one.
 
     Args:
         logits: float ``[B, L, E]``.
@@ -118,22 +120,7 @@ def threshold_routing(logits: Tensor, threshold: float, renormalize: bool = True
     Returns:
         a :class:`~moe_lite.routing.Routing` with ``info["threshold"] = threshold``.
     """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, L, E], got shape {tuple(logits.shape)}")
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    b, l, e = logits.shape
-    probs = logits.float().softmax(-1).reshape(b * l, e)  # [n, e]
-    keep = probs >= float(threshold)
-    keep[torch.arange(b * l, device=logits.device), probs.argmax(-1)] = True  # at least the top one
-    token, expert = keep.nonzero(as_tuple=True)  # token-major order
-    weight = probs[token, expert]
-    if renormalize:
-        weight = weight / (probs * keep).sum(-1)[token]
-    return Routing(
-        logits=logits, token=token, expert=expert, weight=weight.to(logits.dtype), num_experts=e,
-        info={"threshold": float(threshold)},
-    )
+    return FixedThreshold(threshold, renormalize)(logits)
 
 
 class LoRAExperts(MoELayer, InferenceThreshold):
@@ -245,7 +232,7 @@ class LoRAExperts(MoELayer, InferenceThreshold):
         if not self.training:
             threshold = self.inference_threshold  # a host read in eval only (the routing syncs anyway)
             if threshold is not None:
-                return threshold_routing(logits, threshold)
+                return FixedThreshold(threshold)(logits)
         return self.router(logits, x=x)
 
     def _experts(self, x: Tensor, routing: Routing) -> Tensor:
@@ -318,18 +305,27 @@ def ffn_linears(model: nn.Module) -> List[Tuple[str, nn.Module, str, nn.Linear]]
 
 
 def _expert_router(
-    router: Union[str, RouterFactory], router_kwargs: Optional[Mapping[str, Any]], in_features: int, num_experts: int
+    router: Union[str, RouterSpec, RouterFactory], router_kwargs: Optional[Mapping[str, Any]], in_features: int,
+    num_experts: int,
 ) -> nn.Module:
     """A fresh router for one :class:`LoRAExperts` with ``in_features`` inputs."""
     if isinstance(router, nn.Module):
-        raise ValueError("pass a router name or a factory (in_features, num_experts) -> router, not an instance")
-    if not isinstance(router, str):
+        raise ValueError("pass a router name, a RouterSpec or a factory (in_features, num_experts) -> router, "
+                         "not an instance")
+    if isinstance(router, (str, RouterSpec)):
+        if isinstance(router, RouterSpec):
+            if router_kwargs:
+                raise ValueError("router_kwargs must be empty when router is a RouterSpec (it carries its keywords)")
+            spec = router
+        elif router_kwargs is None and router in _ROUTER_DEFAULTS:
+            spec = _ROUTER_DEFAULTS[router]
+        else:
+            spec = RouterSpec.from_fields(router, router_kwargs)
+        built = spec.build(in_features, num_experts)  # the input width and E go where the router needs them
+    else:
         if router_kwargs:
             raise ValueError("router_kwargs must be empty when router is a factory")
         built = router(in_features, num_experts)
-    else:
-        kwargs = dict(_ROUTER_DEFAULTS.get(router, {})) if router_kwargs is None else dict(router_kwargs)
-        built = router_from_name(router, kwargs, in_features, num_experts)
     if not isinstance(built, nn.Module):
         raise ValueError(f"the router factory must return an nn.Module, got {type(built).__name__}")
     return built
@@ -342,7 +338,7 @@ def adapt(
     *,
     rank: int = 4,
     num_experts: int = 4,
-    router: Union[str, RouterFactory] = "topk",
+    router: Union[str, RouterSpec, RouterFactory] = "topk",
     router_kwargs: Optional[Mapping[str, Any]] = None,
     losses: Optional[Mapping[str, float]] = None,
     alpha: Optional[float] = None,
@@ -362,10 +358,11 @@ def adapt(
       whose trainable parameters best match the ``"lora_experts"`` config given by the same
       ``rank`` / ``num_experts`` / ``router`` arguments (:func:`matched_lora_rank`).
     * ``"lora_experts"``: frozen backbone + :class:`LoRAExperts` (``num_experts`` experts of rank
-      ``rank``; one router each, built from ``router``). ``router``: a name for
-      :func:`~moe_lite.routers.make_router` with ``router_kwargs`` (defaults: ``"topk"`` ->
-      ``k=2, renormalize=True``; ``"topp"`` -> ``p=0.4``; the input width / expert count are passed
-      to routers that take them), or a factory ``(in_features, num_experts) -> router``.
+      ``rank``; one router each, built from ``router``). ``router``: a name of
+      :data:`~moe_lite.routers.ROUTERS` with ``router_kwargs`` (defaults: ``"topk"`` ->
+      ``k=2, renormalize=True``; ``"topp"`` -> ``p=0.4``; other names: the router's own defaults;
+      the input width / expert count go to routers that need them), a
+      :class:`~moe_lite.routers.RouterSpec`, or a factory ``(in_features, num_experts) -> router``.
       ``losses`` default ``{"load_balance": 0.01}`` (MixLoRA's coefficient); pass ``{}`` for none.
     * ``"full"``: everything trainable.
 
@@ -414,7 +411,7 @@ def matched_lora_rank(
     model: ViT,
     num_experts: int = 4,
     rank: int = 4,
-    router: Union[str, RouterFactory] = "topk",
+    router: Union[str, RouterSpec, RouterFactory] = "topk",
     router_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> int:
     """The rank R of a single LoRA (on the same FFN linears) whose trainable parameters come closest

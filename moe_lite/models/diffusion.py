@@ -29,12 +29,15 @@ What is and is not in :func:`training_loss`:
     model has PLR target heads). The MoE auxiliary losses (router similarity, load balance) live on
     the ``MoE`` layers (configured through their ``losses={name: weight}``) and are NOT added here: the
     trainer adds ``moe_lite.aux_loss(model)`` itself, so nothing is counted twice and every loss can be
-    logged on its own.
+    logged on its own. The trainer reaches this module through :class:`moe_lite.train.DiffusionTask`
+    (in ``moe_lite/train/tasks.py``, beside the classification task).
 
 The model interface this module relies on (met by :class:`moe_lite.models.dit.DiT`):
 ``model(x_t [B, C, H, W], t [B] float in [0, 1], y [B] long) -> v [B, C, H, W]`` and ``model.config``
 with ``num_classes`` (the null class index used for guidance), ``class_dropout``, ``patch_size``,
-``in_channels``, ``image_size``, ``per_layer_reg`` and ``per_layer_weight``.
+``in_channels``, ``image_size``, ``per_layer_reg`` and ``per_layer_weight``; for ``unit_range=True``,
+``model.pixel_scale`` (a :class:`PixelScale`: how the data was normalised, given by whoever loaded the
+data; the model code knows no dataset).
 
 Sampling always runs the model in eval mode: Expert Race then routes with its EMA threshold,
 which does not depend on the batch, so batching the conditional and unconditional halves of
@@ -44,13 +47,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import denormalize
 from ..layers import target_predictions
 from ..losses import per_layer_regression
 
@@ -65,8 +67,8 @@ __all__ = [
     "training_loss",
     "sample",
     "to_unit_range",
+    "PixelScale",
     "eval_mode",
-    "DiffusionTask",
     "T_DISTRIBUTIONS",
     "SAMPLERS",
 ]
@@ -281,7 +283,7 @@ def sample(
     *,
     method: str = "heun",
     noise: Optional[Tensor] = None,
-    unit_range: bool = False,
+    unit_range: Union[bool, "PixelScale"] = False,
 ) -> Tensor:
     """Generate images for ``labels`` by integrating the flow from t = 1 (noise) to t = 0 (data).
 
@@ -297,7 +299,8 @@ def sample(
         device: where to run (default: the model's device).
         method: ``"heun"`` or ``"euler"``.
         noise: optional start noise ``[B, C, H, W]`` (overrides ``generator``).
-        unit_range: return ``to_unit_range(images)`` (clamped to [0, 1]) instead of the data range.
+        unit_range: return pixels in [0, 1] (:func:`to_unit_range`) instead of the data range: a
+            :class:`PixelScale`, or True for the model's own ``pixel_scale`` (set when it was built).
     Returns:
         images ``[B, C, image_size, image_size]``, in the data's normalised range (or [0, 1]).
     """
@@ -332,81 +335,24 @@ def sample(
             else:
                 v_next = guided_velocity(model, x_euler, t_next.expand(x.shape[0]), labels, cfg_scale)
                 x = x + (t_next - t_cur) * 0.5 * (v + v_next)
-    return to_unit_range(x) if unit_range else x
+    if unit_range is False:
+        return x
+    scale = getattr(model, "pixel_scale", None) if unit_range is True else unit_range
+    if not isinstance(scale, PixelScale):
+        raise ValueError("unit_range needs the data's normalisation: pass unit_range=PixelScale(mean, std), "
+                         "or build the model with pixel_scale=...")
+    return to_unit_range(x, scale)
 
 
-def to_unit_range(images: Tensor) -> Tensor:
-    """Data-range images (normalised as :func:`moe_lite.data.to_tensors` does) to pixels in [0, 1]:
-    :func:`moe_lite.data.denormalize`, then clamped. Any shape."""
-    return denormalize(images).clamp(0.0, 1.0)
+@dataclass(frozen=True)
+class PixelScale:
+    """How images were normalised for the model: ``x = (pixel - mean) / std``, pixels in [0, 1]
+    (for Fashion-MNIST, ``moe_lite.data.MEAN`` / ``STD``: the experiments pass them in)."""
+
+    mean: float
+    std: float
 
 
-# ---- the task the shared trainer calls ----------------------------------------------------------
-@dataclass
-class DiffusionTask:
-    """The DiT's training objective and held-out evaluation, as the shared trainer calls them.
-
-    ``loss(model, batch)`` -> ``(loss, logs)``: :func:`training_loss` on a batch
-    ``(images [B, 1, 28, 28] normalised, labels [B])`` moved to the model's device; the MoE aux
-    losses are added by the trainer, not here. ``evaluate(model, batches)`` -> ``{"loss": ...}``, the
-    mean diffusion MSE
-    on held-out batches in eval mode, with guidance dropout off, at the fixed timesteps
-    ``eval_timesteps`` and with fixed noise (seeded by ``eval_seed`` and the batch index), so two
-    evaluations of the same model agree exactly and the number has low variance.
-
-    Attributes:
-        t_distribution: training timestep distribution (``"logit_normal"`` or ``"uniform"``).
-        eval_timesteps: the t's every held-out batch is scored at.
-        eval_seed: seed of the held-out noise.
-    """
-
-    t_distribution: str = "logit_normal"
-    eval_timesteps: Tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    eval_seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.t_distribution not in T_DISTRIBUTIONS:
-            raise ValueError(f"unknown t distribution {self.t_distribution!r}; choose from {T_DISTRIBUTIONS}")
-        if not self.eval_timesteps or not all(0.0 <= float(t) <= 1.0 for t in self.eval_timesteps):
-            raise ValueError(f"eval_timesteps must be a non-empty sequence in [0, 1], got {self.eval_timesteps}")
-
-    @staticmethod
-    def _unpack(model: nn.Module, batch) -> Tuple[Tensor, Tensor]:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError("a batch must be (images [B, C, H, W], labels [B])")
-        device = _model_device(model)
-        return batch[0].to(device), batch[1].to(device=device, dtype=torch.long)
-
-    def loss(self, model: nn.Module, batch) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """One training loss; logs (detached scalar tensors, no device sync): ``diffusion`` and,
-        under PLR, ``per_layer``."""
-        x0, y = self._unpack(model, batch)
-        loss, parts = training_loss(model, x0, y, t_distribution=self.t_distribution)
-        return loss, {name: value.detach() for name, value in parts.items()}
-
-    def evaluate(self, model: nn.Module, batches: Iterable) -> Dict[str, float]:
-        """Held-out diffusion MSE: ``{"loss": mean over t's, "loss@t=0.50": mean at that t, ...}``.
-
-        Every batch is scored at every t in ``eval_timesteps`` with noise from a CPU generator seeded
-        ``eval_seed + batch index``; the means weight each sample equally.
-        """
-        times = [float(t) for t in self.eval_timesteps]
-        sums = torch.zeros(len(times), dtype=torch.float64)
-        count = 0
-        with eval_mode(model):
-            for i, batch in enumerate(batches):
-                x0, y = self._unpack(model, batch)
-                gen = torch.Generator().manual_seed(self.eval_seed + i)
-                noise = torch.randn(x0.shape, generator=gen).to(x0)
-                for j, t in enumerate(times):
-                    tb = torch.full((x0.shape[0],), t, device=x0.device)
-                    pred = model(interpolate(x0, noise, tb), tb, y)
-                    mse = (pred.float() - velocity_target(x0, noise).float()).pow(2).mean()
-                    sums[j] += float(mse) * x0.shape[0]
-                count += x0.shape[0]
-        if count == 0:
-            raise ValueError("evaluate() got no batches")
-        per_t = sums / count
-        out = {"loss": float(per_t.mean())}
-        out.update({f"loss@t={t:.2f}": float(v) for t, v in zip(times, per_t)})
-        return out
+def to_unit_range(images: Tensor, scale: PixelScale) -> Tensor:
+    """Data-range images to pixels in [0, 1]: ``images * scale.std + scale.mean``, clamped. Any shape."""
+    return (images * scale.std + scale.mean).clamp(0.0, 1.0)

@@ -17,8 +17,9 @@ MoE blocks (``config.moe_routing != "none"``): every block's MLP becomes a
 ``moe_routing`` picks the router: ``"token_choice"`` = ``TopK(k)``, ``"expert_choice"`` =
 ``ExpertChoice(k)`` (per-sample groups), ``"race"`` = ``Race(k, candidates="BLE")`` (one top-K over
 the whole ``B*L*E`` score tensor) and the paper's Table 6 variants ``"bl"``, ``"be"``, ``"le"``.
-Race routers select with an EMA threshold in eval mode; :func:`set_race_threshold` moves it (the
-inference-compute slider) and :func:`track_experts` measures the compute that was actually spent.
+Race routers select with an EMA threshold in eval mode; :class:`moe_lite.inspect.inference_threshold`
+moves it (the inference-compute slider; :func:`shifted_race_threshold` shifts the learned value) and
+:func:`track_experts` (:func:`moe_lite.inspect.record_routing`) measures the compute actually spent.
 
 The diffusion process (rectified flow), the loss and the sampler are in
 :mod:`moe_lite.models.diffusion` and re-exported here.
@@ -27,21 +28,22 @@ Axis legend: b batch, l tokens (patches), d width, e experts, p patch size, c ch
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..experts import x_in_y
-from ..layers import FFN, MLPGate, MoE, moe_layers
-from ..routers import GATINGS, ExpertChoice, Race, TopK
-from ..routing import by_label
+from ..losses import check_loss_weights
+from ..layers import FFN, MLPGate, MoE
+from ..inspect import (inference_threshold, inference_thresholds, record_routing, threshold_modules,
+                       timestep_buckets, timestep_label)
+from ..routers import GATINGS, PRESETS, Race, RouterSpec
 from .diffusion import (
-    DiffusionTask,
+    PixelScale,
     guided_velocity,
     patchify,
     sample,
@@ -49,7 +51,8 @@ from .diffusion import (
     training_loss,
     unpatchify,
 )
-from .vit import Attention, PatchEmbed, count_parameters
+from .blocks import Attention, PatchEmbed
+from .vit import count_parameters
 
 __all__ = [
     "DiTConfig",
@@ -59,30 +62,29 @@ __all__ = [
     "TimestepEmbedding",
     "sincos_2d",
     "build_router",
+    "router_spec",
     "timestep_buckets",
-    "experts_by_timestep",
-    "race_routers",
     "race_thresholds",
-    "set_race_threshold",
     "shifted_race_threshold",
     "use_ema_threshold",
-    "ExpertUsage",
     "track_experts",
     "count_parameters",
     "MOE_ROUTINGS",
     "GATINGS",
     # re-exported from .diffusion
-    "DiffusionTask",
     "training_loss",
     "sample",
     "to_unit_range",
+    "PixelScale",
     "guided_velocity",
     "patchify",
     "unpatchify",
 ]
 
-MOE_ROUTINGS = ("none", "token_choice", "expert_choice", "race", "bl", "be", "le")
-RACE_CANDIDATES = {"race": "BLE", "bl": "BL", "be": "BE", "le": "LE"}
+#: ``DiTConfig.moe_routing`` values: dense, or a router preset of :data:`moe_lite.routers.PRESETS`.
+MOE_ROUTINGS = ("none",) + tuple(PRESETS)
+#: the presets that are Race routers -> their candidate axes
+RACE_CANDIDATES = {name: spec.kwargs["candidates"] for name, spec in PRESETS.items() if spec.router_class is Race}
 
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -158,9 +160,11 @@ class DiTConfig:
             raise ValueError(f"moe_routing {self.moe_routing!r} is not one of {MOE_ROUTINGS}")
         if self.gating not in GATINGS:
             raise ValueError(f"gating {self.gating!r} is not one of {GATINGS}")
-        for name in ("per_layer_weight", "router_similarity", "balance_weight"):
-            if float(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if float(self.per_layer_weight) < 0:
+            raise ValueError(f"per_layer_weight must be >= 0, got {self.per_layer_weight}")
+        # the weights moe_losses hands to every MoE layer, checked by the layers' one rule
+        check_loss_weights({"router_similarity": self.router_similarity, "load_balance": self.balance_weight},
+                           "DiTConfig (router_similarity, balance_weight)")
         if not self.is_moe:
             if self.per_layer_reg or self.mlp_router or self.router_similarity or self.balance_weight:
                 raise ValueError(
@@ -180,6 +184,11 @@ class DiTConfig:
             raise ValueError(f"expert_hidden must be a positive integer, got {self.expert_hidden}")
         if self.hidden_per_expert < 1:  # x_in_y raises first when mlp_hidden % k != 0
             raise ValueError(f"mlp_hidden / k = {self.mlp_hidden} / {self.k} leaves experts no width")
+
+    @property
+    def router_spec(self) -> RouterSpec:
+        """The MoE layers' :class:`~moe_lite.routers.RouterSpec` (:func:`router_spec`)."""
+        return router_spec(self)
 
     @property
     def is_moe(self) -> bool:
@@ -212,25 +221,25 @@ class DiTConfig:
         return {name: float(w) for name, w in weights.items() if w > 0}
 
 
-def build_router(config: DiTConfig) -> nn.Module:
-    """A fresh router for one MoE layer of ``config`` (never shared between layers)."""
-    routing = config.moe_routing
-    if routing == "token_choice":
-        return TopK(int(config.k), renormalize=False, gating=config.gating)
-    if routing == "expert_choice":
-        return ExpertChoice(config.k, gating=config.gating)
-    if routing in RACE_CANDIDATES:
+def router_spec(config: DiTConfig) -> RouterSpec:
+    """The :class:`~moe_lite.routers.RouterSpec` of ``config``'s MoE layers: the preset named by
+    ``moe_routing`` with the config's ``k`` and ``gating`` (and, for Race, ``ema_decay`` and
+    ``eval_threshold=ema_threshold``). ``ValueError`` for a dense config."""
+    if not config.is_moe:
+        raise ValueError(f"moe_routing {config.moe_routing!r} has no router (dense model?)")
+    k = int(config.k) if config.moe_routing == "token_choice" else config.k  # validated integral
+    spec = RouterSpec.preset(config.moe_routing, k=k, gating=config.gating)
+    if spec.router_class is Race:
         # eval_threshold for every variant by default (the router's default is BLE only): the paper's
         # full recipe (Table 6) includes the learned threshold, and a per-group top-K over BL or BE at
         # eval would make a sample's output depend on the rest of its batch (and on guidance batching)
-        return Race(
-            config.k,
-            ema_decay=config.ema_decay,
-            candidates=RACE_CANDIDATES[routing],
-            gating=config.gating,
-            eval_threshold=config.ema_threshold,
-        )
-    raise ValueError(f"moe_routing {routing!r} has no router (dense model?)")
+        spec = spec.replace(ema_decay=config.ema_decay, eval_threshold=config.ema_threshold)
+    return spec
+
+
+def build_router(config: DiTConfig) -> nn.Module:
+    """A fresh router for one MoE layer of ``config`` (never shared between layers)."""
+    return router_spec(config).build(config.dim, config.num_experts)
 
 
 # ---- embeddings -------------------------------------------------------------------------------
@@ -321,11 +330,15 @@ class DiT(nn.Module):
 
     ``forward(x_t [B, C, H, W], t [B] float in [0, 1], y [B] long in [0, num_classes])`` ->
     the predicted velocity ``[B, C, H, W]``. ``y == num_classes`` is the null (unconditional) class.
-    After a forward, ``last_timesteps`` holds its ``t`` (detached) for :func:`experts_by_timestep`.
+    After a forward, ``last_timesteps`` holds its ``t`` (detached) for
+    :func:`moe_lite.inspect.timestep_label`.
     """
 
-    def __init__(self, config: Optional[DiTConfig] = None) -> None:
+    def __init__(self, config: Optional[DiTConfig] = None, pixel_scale: Optional[PixelScale] = None) -> None:
         super().__init__()
+        #: how the training images were normalised (``sample(..., unit_range=True)`` reads it); not a
+        #: config field, so checkpoint keys and result JSON do not change
+        self.pixel_scale = pixel_scale
         self.config = config = config if config is not None else DiTConfig()
         config.validate()
         d = config.dim
@@ -377,135 +390,34 @@ class DiT(nn.Module):
         return unpatchify(out, c.patch_size, c.in_channels, c.image_size, c.image_size)
 
 
-# ---- routing analysis -------------------------------------------------------------------------
-def timestep_buckets(t: Tensor, num_buckets: int = 10) -> Tensor:
-    """Bucket index ``floor(t * num_buckets)`` (t = 1 in the last bucket): long ``[B]``."""
-    if num_buckets < 1:
-        raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
-    return (t.float() * num_buckets).long().clamp(0, num_buckets - 1)
-
-
-def _moe_layers_or_raise(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError("the model has no MoE layer")
-    return layers
-
-
-def experts_by_timestep(model: DiT, num_buckets: int = 10) -> Dict[str, Dict[str, Tensor]]:
-    """Routing of the last forward broken down by diffusion-timestep bucket.
-
-    Returns ``{layer name: moe_lite.by_label(routing, bucket of t [B], num_buckets)}``: per bucket
-    ``counts [num_buckets, E]``, ``fraction``, ``tokens [num_buckets]``, ``experts_per_token``
-    (nan for an empty bucket) and ``dropped_fraction``. Bucket i covers t in [i/n, (i+1)/n);
-    t near 1 is noise, near 0 is data.
-    """
-    t = getattr(model, "last_timesteps", None)
-    if t is None:
-        raise ValueError("run a forward pass first: the model has no recorded timesteps")
-    buckets = timestep_buckets(t, num_buckets)
-    out = {}
-    for name, layer in _moe_layers_or_raise(model):
-        routing = getattr(layer, "routing", None)
-        if routing is None or routing.batch_size != t.shape[0]:
-            raise ValueError(f"MoE layer {name!r} holds no routing of the last forward")
-        out[name] = by_label(routing, buckets, num_buckets)
-    return out
-
-
-@dataclass
-class ExpertUsage:
-    """Routed-expert compute accumulated over every forward inside :func:`track_experts`.
-
-    ``counts[layer]`` float ``[num_buckets, E]``: assignments per timestep bucket and expert;
-    ``tokens[layer]`` float ``[num_buckets]``: tokens seen per bucket (a token counts once per forward).
-    """
-
-    num_buckets: int
-    counts: Dict[str, Tensor] = field(default_factory=dict)
-    tokens: Dict[str, Tensor] = field(default_factory=dict)
-    nominal_k: Optional[float] = None
-
-    def add(self, name: str, routing, buckets: Tensor) -> None:
-        """Accumulate one forward's ``routing`` of layer ``name`` with its sample buckets ``[B]``."""
-        stats = by_label(routing, buckets, self.num_buckets)
-        if name not in self.counts:
-            self.counts[name] = torch.zeros_like(stats["counts"], device="cpu")
-            self.tokens[name] = torch.zeros_like(stats["tokens"], device="cpu")
-        self.counts[name] += stats["counts"].cpu()
-        self.tokens[name] += stats["tokens"].cpu()
-
-    @property
-    def experts_per_token(self) -> float:
-        """Realised mean routed experts per token, over every layer, token and forward (nan if none)."""
-        tokens = sum(float(v.sum()) for v in self.tokens.values())
-        if tokens == 0:
-            return float("nan")
-        return sum(float(v.sum()) for v in self.counts.values()) / tokens
-
-    @property
-    def relative_compute(self) -> float:
-        """Realised routed-expert FLOPs relative to the nominal ``k`` experts per token (1 = as trained)."""
-        return self.experts_per_token / self.nominal_k if self.nominal_k else float("nan")
-
-    def per_layer(self) -> Dict[str, float]:
-        """``{layer: mean experts per token}``."""
-        return {name: float(self.counts[name].sum() / self.tokens[name].sum().clamp_min(1)) for name in self.counts}
-
-    def by_timestep(self) -> Tensor:
-        """float ``[num_buckets]``: mean experts per token in each t bucket over all layers (nan if empty)."""
-        counts = sum(c.sum(1) for c in self.counts.values())
-        tokens = sum(self.tokens.values())
-        return torch.where(tokens > 0, counts / tokens.clamp_min(1), torch.full_like(tokens, float("nan")))
-
-    def tokens_per_expert(self) -> Dict[str, Tensor]:
-        """``{layer: float [E]}`` total assignments per expert."""
-        return {name: c.sum(0) for name, c in self.counts.items()}
-
-
-@contextlib.contextmanager
-def track_experts(model: DiT, num_buckets: int = 10) -> Iterator[ExpertUsage]:
-    """Measure the routed-expert compute of everything run inside the block (e.g. :func:`sample`).
+# ---- routing analysis and the Race threshold: moe_lite.inspect (these names stay for the notebooks) ----
+def track_experts(model: DiT, num_buckets: int = 10):
+    """Measure the routed-expert compute of everything run inside the block (e.g. :func:`sample`):
+    :func:`moe_lite.inspect.record_routing` with the diffusion-time bucket as label ``"timestep"``
+    and ``nominal_k = config.k``. With guidance, the unconditional half counts too (real compute).
 
     Usage::
 
         with track_experts(model) as usage:
             images = sample(model, labels)
-        usage.experts_per_token, usage.relative_compute, usage.by_timestep()
-
-    Forward hooks on every MoE layer read its ``routing`` after each call, bucketed by the DiT's
-    ``last_timesteps``; they are removed on exit. With guidance, the unconditional half counts too
-    (it is real compute).
+        usage.experts_per_token, usage.relative_compute, usage.experts_per_token_by("timestep")
     """
-    layers = _moe_layers_or_raise(model)
-    usage = ExpertUsage(num_buckets=num_buckets, nominal_k=float(model.config.k))
-
-    def make_hook(name: str):
-        def hook(layer: nn.Module, inputs, output) -> None:
-            usage.add(name, layer.routing, timestep_buckets(model.last_timesteps, num_buckets))
-
-        return hook
-
-    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers]
-    try:
-        yield usage
-    finally:
-        for handle in handles:
-            handle.remove()
+    return record_routing(model, labels={"timestep": timestep_label(num_buckets)}, per_sample=False,
+                          nominal_k=float(model.config.k))
 
 
-# ---- Race inference threshold -----------------------------------------------------------------
-def race_routers(model: nn.Module) -> List[Tuple[str, Race]]:
-    """``[(module name, Race router)]`` in model order; ``ValueError`` if there is none."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, Race)]
-    if not found:
-        raise ValueError("the model has no Race router")
-    return found
+def race_thresholds(model: nn.Module) -> Dict[str, Optional[float]]:
+    """``{router name: its eval threshold}`` of every Race router (a snapshot):
+    ``moe_lite.inspect.inference_thresholds(model, kind=Race)``."""
+    return inference_thresholds(model, kind=Race)
 
 
-def race_thresholds(model: nn.Module) -> Dict[str, float]:
-    """``{router name: its eval threshold}`` (a snapshot, to restore with :func:`set_race_threshold`)."""
-    return {name: float(router.threshold) for name, router in race_routers(model)}
+def shifted_race_threshold(model: nn.Module, offset: float) -> inference_threshold:
+    """Within the block every Race eval threshold is ``learned + offset``; restored exactly on exit
+    (:class:`moe_lite.inspect.inference_threshold` with a shift). Yields the learned thresholds.
+    Usage: ``with shifted_race_threshold(model, 0.2): sample(...)``."""
+    offset = float(offset)
+    return inference_threshold(model, lambda learned: learned + offset, kind=Race)
 
 
 def use_ema_threshold(model: nn.Module, enabled: bool = True) -> None:
@@ -513,53 +425,10 @@ def use_ema_threshold(model: nn.Module, enabled: bool = True) -> None:
     the batch at inference, and record the choice in ``model.config.ema_threshold``.
 
     Training is the same either way (the EMA is tracked regardless), so one trained model can be
-    evaluated both ways: a paired ablation of the paper's "+ Learnable Threshold" row.
+    evaluated both ways: a paired ablation of the paper's "+ Learnable Threshold" row. (A routing
+    mode, not a threshold value: the value is :class:`moe_lite.inspect.inference_threshold`'s.)
     """
-    for _, router in race_routers(model):
+    for _, router in threshold_modules(model, kind=Race):
         router.eval_threshold = bool(enabled)
     if isinstance(getattr(model, "config", None), DiTConfig):
         model.config = dataclasses.replace(model.config, ema_threshold=bool(enabled))
-
-
-def set_race_threshold(
-    model: nn.Module, offset_or_value: Union[float, Mapping[str, float]], *, absolute: bool = False
-) -> Dict[str, float]:
-    """Move the eval threshold of every Race router; returns the thresholds from before (a snapshot).
-
-    ``offset_or_value``: a float added to every (trained) threshold (default; higher = fewer experts
-    per token, less compute), or with ``absolute=True`` the value every threshold is set to, or a
-    snapshot dict (as returned by this function or :func:`race_thresholds`) to restore. Takes effect
-    on the next eval-mode forward; training keeps updating the EMA from wherever it is.
-    For a slider, prefer :func:`shifted_race_threshold`, which always shifts the learned value.
-
-    Raises:
-        ValueError: no Race router, an offset on a router that has no trained threshold yet, or a
-            snapshot missing a router.
-    """
-    routers = race_routers(model)
-    previous = {name: float(router.threshold) for name, router in routers}
-    for name, router in routers:
-        if isinstance(offset_or_value, Mapping):
-            if name not in offset_or_value:
-                raise ValueError(f"the snapshot has no threshold for router {name!r}")
-            router.set_threshold(float(offset_or_value[name]))
-        elif absolute:
-            router.set_threshold(float(offset_or_value))
-        elif not bool(router.initialized):
-            raise ValueError(f"Race router {name!r} has no trained threshold to shift: train first")
-        else:
-            router.set_threshold(previous[name] + float(offset_or_value))
-    return previous
-
-
-@contextlib.contextmanager
-def shifted_race_threshold(model: nn.Module, offset: float) -> Iterator[Dict[str, float]]:
-    """Within the block every Race eval threshold is ``learned + offset``; restored exactly on exit.
-
-    Yields the learned thresholds. Usage: ``with shifted_race_threshold(model, 0.2): sample(...)``.
-    """
-    previous = set_race_threshold(model, offset)
-    try:
-        yield previous
-    finally:
-        set_race_threshold(model, previous)

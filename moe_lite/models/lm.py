@@ -41,8 +41,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import FFN, MoE
-from .vit import (DEFAULT_ROUTER_KWARGS, Attention, Block, Placement, RouterSpec, check_moe_fields, resolve_placement,
-                  router_from_name)
+from .blocks import Attention, Block
+from ..routers import RouterSpec
+from ..sequences import TASKS
+from .vit import (Placement, RouterField, build_router, check_moe_fields, normalize_router_fields, resolve_placement,
+                  router_spec_of)
 
 __all__ = [
     "LMConfig",
@@ -68,8 +71,9 @@ class LMConfig:
         moe_layers: ``"none"``, ``"all"``, ``"every-N"``, ``"last-N"`` or a list of block indices
             (:func:`~moe_lite.models.vit.resolve_placement`).
         num_experts, expert_hidden: routed experts per MoE layer and their width (default ``mlp_hidden``).
-        router: a router name (with ``router_kwargs``; ``None`` takes ``k=2`` for the routers that need
-            a k) or a zero-argument factory; every MoE layer gets its own instance.
+        router: a router name (with ``router_kwargs``; ``None`` takes the router's defaults, ``k=2`` for
+            the routers that need a k), a :class:`~moe_lite.routers.RouterSpec` (stored as that name and
+            ``router_kwargs``), or a zero-argument factory; every MoE layer gets its own instance.
         num_shared, shared_hidden: always-on shared experts and their width.
         moe_losses: ``{loss name: weight}`` from :data:`moe_lite.losses.REGISTRY`.
         dispatch: expert dispatch backend passed to ``MoE``.
@@ -86,7 +90,7 @@ class LMConfig:
     moe_layers: Placement = "none"
     num_experts: int = 8
     expert_hidden: Optional[int] = None
-    router: RouterSpec = "topk"
+    router: RouterField = "topk"
     router_kwargs: Optional[Dict[str, Any]] = None
     num_shared: int = 0
     shared_hidden: Optional[int] = None
@@ -94,6 +98,7 @@ class LMConfig:
     dispatch: str = "auto"
 
     def __post_init__(self) -> None:
+        normalize_router_fields(self, "LMConfig")
         for name in ("vocab_size", "max_len", "dim", "depth", "heads", "mlp_hidden", "num_experts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -114,32 +119,26 @@ class LMConfig:
     def expert_width(self) -> int:
         return self.expert_hidden if self.expert_hidden is not None else self.mlp_hidden
 
+    @property
+    def router_spec(self) -> Optional[RouterSpec]:
+        """The MoE layers' router as a :class:`~moe_lite.routers.RouterSpec` (None for a factory)."""
+        return router_spec_of(self)
+
     def build_router(self) -> nn.Module:
         """A fresh router for one MoE layer (never shared between layers)."""
-        if not isinstance(self.router, str):
-            router = self.router()
-            if not isinstance(router, nn.Module):
-                raise ValueError(f"the router factory must return an nn.Module, got {type(router).__name__}")
-            return router
-        kwargs = self.router_kwargs if self.router_kwargs is not None else DEFAULT_ROUTER_KWARGS.get(self.router, {})
-        return router_from_name(self.router, kwargs, self.dim, self.num_experts)
+        return build_router(self)
 
 
 class CausalAttention(Attention):
-    """:class:`~moe_lite.models.vit.Attention` with a causal mask: position ``t`` attends to
+    """:class:`~moe_lite.models.blocks.Attention` with a causal mask: position ``t`` attends to
     positions ``<= t`` only. ``forward(x [B, T, D]) -> [B, T, D]``."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [b, heads, t, d/heads]
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                             is_causal=True)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__(dim, heads, dropout, causal=True)
 
 
 class CausalBlock(Block):
-    """The ViT's pre-norm :class:`~moe_lite.models.vit.Block` with :class:`CausalAttention`."""
+    """The pre-norm :class:`~moe_lite.models.blocks.Block` with :class:`CausalAttention`."""
 
     def __init__(self, dim: int, heads: int, mlp: nn.Module, dropout: float = 0.0, is_moe: bool = False) -> None:
         super().__init__(dim, heads, mlp, dropout, is_moe)
@@ -228,8 +227,6 @@ class SequenceTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> Dict[str, float]:
-        from ..sequences import TASKS
-
         sums = None
         for batch in batches:
             tokens, mask = _batch(batch)

@@ -12,26 +12,26 @@ One model class, :class:`ViT`, built from a :class:`ViTConfig`; a block is MoE o
   top-2 baseline at the same parameter count.
 * :func:`dense_equivalent`: the dense ViT with the same *active* parameters per token.
 
-Analysis helpers read the routing the MoE layers kept from the last forward:
-:func:`experts_per_token`, :func:`experts_per_sample`, :func:`patch_experts`; :func:`set_threshold`
-moves the top-p threshold of a trained model live (no retraining); :func:`count_parameters`.
+Routing analysis lives in :mod:`moe_lite.inspect`; :func:`experts_per_token`, :func:`experts_per_sample`
+(re-exported from there), :func:`patch_experts` and :func:`set_threshold` (the top-p threshold of a
+trained model, moved live) stay here for the notebooks; :func:`count_parameters`.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import losses as _losses
 from ..layers import FFN, MoE, SoftMoE, moe_layers
-from ..routers import ROUTERS, LearnedThreshold, TopP, make_router
+from .blocks import STEMS, Attention, Block, PatchEmbed
+from ..inspect import experts_per_sample, experts_per_token, inference_threshold, last_routings, top_experts
+from ..routers import ROUTERS, LearnedThreshold, RouterSpec, TopP
 
 __all__ = [
     "ViTConfig",
@@ -55,7 +55,8 @@ __all__ = [
 ]
 
 Placement = Union[str, Sequence[int]]
-RouterSpec = Union[str, Callable[[], nn.Module]]
+#: what a config's ``router`` field takes: a name, a :class:`~moe_lite.routers.RouterSpec`, or a factory.
+RouterField = Union[str, RouterSpec, Callable[[], nn.Module]]
 
 #: by convention, the nominal number of active experts per token of a dynamic router (top-p,
 #: learned threshold): Huang et al. 2024 compare top-p against top-2 and report < 2 realised.
@@ -64,16 +65,30 @@ DYNAMIC_NOMINAL_K = 2.0
 #: kinds of MoE block (``ViTConfig.moe_type``): a routed MoE, or a Soft MoE.
 MOE_TYPES = ("routed", "soft")
 
-#: patch-embedding stems (:class:`PatchEmbed`): a linear patch embedding, or a 3x3 conv before it.
-STEMS = ("patch", "conv")
 
-#: keyword arguments a router name gets when ``ViTConfig.router_kwargs`` is None (routers that need a k).
+#: keyword arguments a router name gets when ``ViTConfig.router_kwargs`` is None: each router class's
+#: ``defaults`` (derived from :data:`moe_lite.routers.ROUTERS`; k=2 for the routers that need a k).
 DEFAULT_ROUTER_KWARGS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    "topk": MappingProxyType({"k": 2}),
-    "expert_choice": MappingProxyType({"k": 2}),
-    "race": MappingProxyType({"k": 2}),
-    "bias_balanced": MappingProxyType({"k": 2}),
+    name: MappingProxyType(dict(cls.defaults)) for name, cls in ROUTERS.items() if cls.defaults
 })
+
+
+def normalize_router_fields(config: Any, who: str) -> None:
+    """A :class:`~moe_lite.routers.RouterSpec` in ``config.router`` becomes today's ``router`` name and
+    ``router_kwargs`` fields (a spec with no keywords: None), so the config's repr, the checkpoint
+    cache key, is the one the same router always had. ``router_kwargs`` must then be None."""
+    if isinstance(config.router, RouterSpec):
+        if config.router_kwargs is not None:
+            raise ValueError(f"{who}.router_kwargs must be None when router is a RouterSpec (the spec carries "
+                             f"its keywords), got {config.router_kwargs!r}")
+        config.router, config.router_kwargs = config.router.to_fields()
+
+
+def router_spec_of(config: Any) -> Optional[RouterSpec]:
+    """``config``'s router as a :class:`~moe_lite.routers.RouterSpec` (None for a factory)."""
+    if not isinstance(config.router, str):
+        return None
+    return RouterSpec.from_fields(config.router, config.router_kwargs)
 
 
 def check_moe_fields(config: Any, who: str) -> None:
@@ -94,6 +109,11 @@ def check_moe_fields(config: Any, who: str) -> None:
         raise ValueError(f"{who}: unknown router {config.router!r}; choose one of {sorted(ROUTERS)}")
     if config.router_kwargs is not None and not isinstance(config.router_kwargs, Mapping):
         raise ValueError(f"{who}.router_kwargs must be a dict, got {type(config.router_kwargs).__name__}")
+    if isinstance(config.router, str):
+        try:  # a keyword the router does not take fails here, not when the model is built
+            router_spec_of(config)
+        except ValueError as err:
+            raise ValueError(f"{who}: {err}") from None
     if not isinstance(config.router, str) and config.router_kwargs:
         raise ValueError(f"{who}.router_kwargs must be empty when router is a factory (put them in the factory)")
     if not int_at_least(config.num_shared, 0):
@@ -104,11 +124,7 @@ def check_moe_fields(config: Any, who: str) -> None:
             raise ValueError(f"{who}.{name} must be None or a positive int, got {value!r}")
     if not isinstance(config.moe_losses, Mapping):
         raise ValueError(f"{who}.moe_losses must be a dict {{name: weight}}, got {type(config.moe_losses).__name__}")
-    for name, weight in config.moe_losses.items():
-        if name not in _losses.REGISTRY:
-            raise ValueError(f"{who}: unknown MoE loss {name!r}; known: {sorted(_losses.REGISTRY)}")
-        if not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f"{who}: weight of loss {name!r} must be a non-negative number, got {weight!r}")
+    _losses.check_loss_weights(config.moe_losses, f"{who}.moe_losses")
 
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -145,12 +161,14 @@ class ViTConfig:
         num_experts: experts per MoE layer.
         slots_per_expert: slots per expert of a soft MoE block (unused by routed ones).
         expert_hidden: hidden width of each routed expert (default ``mlp_hidden``).
-        router: a router name for :func:`moe_lite.routers.make_router` (with ``router_kwargs``), or a
+        router: a router name of :data:`moe_lite.routers.ROUTERS` (with ``router_kwargs``), a
+            :class:`~moe_lite.routers.RouterSpec` (stored as its name and ``router_kwargs``, so the repr
+            is that of the same router given by name; :attr:`router_spec` reads it back), or a
             zero-argument factory returning a fresh router (e.g. ``lambda: TopK(2)``). Every MoE layer
             builds its *own* instance: routers such as Race keep state in buffers.
-        router_kwargs: keyword arguments for ``make_router``; ``None`` (default) takes
-            :data:`DEFAULT_ROUTER_KWARGS` (``k=2`` for the routers that need a k, nothing else);
-            must be None or empty with a factory.
+        router_kwargs: the router's keywords; ``None`` (default) takes the router class's ``defaults``
+            (``k=2`` for the routers that need a k, nothing else); must be None or empty with a factory,
+            None with a RouterSpec.
         num_shared: always-on shared experts per MoE layer (ViMoE uses 1).
         shared_hidden: hidden width of each shared expert (default ``expert_hidden``).
         moe_losses: ``{loss name: weight}`` with names from :data:`moe_lite.losses.REGISTRY`; each
@@ -178,7 +196,7 @@ class ViTConfig:
     num_experts: int = 8
     slots_per_expert: int = 1
     expert_hidden: Optional[int] = None
-    router: RouterSpec = "topk"
+    router: RouterField = "topk"
     router_kwargs: Optional[Dict[str, Any]] = None
     num_shared: int = 0
     shared_hidden: Optional[int] = None
@@ -186,6 +204,7 @@ class ViTConfig:
     dispatch: str = "auto"
 
     def __post_init__(self) -> None:
+        normalize_router_fields(self, "ViTConfig")
         for name in ("image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads", "mlp_hidden",
                      "stem_channels"):
             value = getattr(self, name)
@@ -224,6 +243,11 @@ class ViTConfig:
                              f"(got {dict(self.moe_losses)})")
 
     # -- derived --------------------------------------------------------------------------------
+    @property
+    def router_spec(self) -> Optional[RouterSpec]:
+        """The MoE layers' router as a :class:`~moe_lite.routers.RouterSpec` (None for a factory)."""
+        return router_spec_of(self)
+
     @property
     def grid(self) -> int:
         """Patches per side (7 for 28 / 4)."""
@@ -303,28 +327,19 @@ def resolve_placement(placement: Placement, depth: int) -> List[int]:
     return sorted(indices)
 
 
-def router_from_name(name: str, kwargs: Mapping[str, Any], dim: int, num_experts: int) -> nn.Module:
-    """``make_router(name, **kwargs)``, adding ``dim`` / ``num_experts`` when the router's constructor
-    takes them and ``kwargs`` does not give them (LearnedThreshold, BiasBalanced, Hash, TopK's
-    learned noise): the layer knows its width and expert count, the config need not repeat them."""
-    if name not in ROUTERS:
-        raise ValueError(f"unknown router {name!r}; choose one of {sorted(ROUTERS)}")
-    kwargs = dict(kwargs)
-    params = inspect.signature(ROUTERS[name]).parameters
-    for key, value in (("dim", dim), ("num_experts", num_experts)):
-        if key in params and key not in kwargs:
-            kwargs[key] = value
-    return make_router(name, **kwargs)
+def router_from_name(name: str, kwargs: Optional[Mapping[str, Any]], dim: int, num_experts: int) -> nn.Module:
+    """``RouterSpec(name, **kwargs).build(dim, num_experts)``: the layer's width and expert count go
+    to the routers that declare they need them (LearnedThreshold, BiasBalanced, Hash, TopK's learned
+    noise), so the config need not repeat them; empty or None ``kwargs``: the router's defaults."""
+    return RouterSpec.from_fields(name, kwargs).build(dim, num_experts)
 
 
-def build_router(config: ViTConfig) -> nn.Module:
-    """A fresh router for one MoE layer of ``config`` (never shared between layers); a name gets
-    ``dim`` / ``num_experts`` from the config where the router needs them (:func:`router_from_name`)."""
-    if isinstance(config.router, str):
-        kwargs = config.router_kwargs
-        if kwargs is None:
-            kwargs = DEFAULT_ROUTER_KWARGS.get(config.router, {})
-        router = router_from_name(config.router, kwargs, config.dim, config.num_experts)
+def build_router(config: Any) -> nn.Module:
+    """A fresh router for one MoE layer of ``config`` (a :class:`ViTConfig` or ``LMConfig``; never
+    shared between layers): ``config.router_spec.build(dim, num_experts)``, or the factory's router."""
+    spec = router_spec_of(config)
+    if spec is not None:
+        router = spec.build(config.dim, config.num_experts)
     else:
         router = config.router()
     if not isinstance(router, nn.Module):
@@ -350,83 +365,7 @@ def nominal_active_experts(router: nn.Module) -> float:
     return 1.0
 
 
-# ---- modules ----------------------------------------------------------------------------------
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens with one strided conv, optionally after a small conv stem.
-
-    ``stem="patch"`` (default): the strided conv sees the raw pixels (a linear patch embedding).
-    ``stem="conv"``: a 3x3 conv (``stem_channels`` maps, same resolution) + GELU first, so each token
-    also sees the pixels just outside its patch (Xiao et al. 2021, "Early convolutions help
-    transformers see better"); the token grid, and so ``L``, is unchanged.
-
-    ``forward(images [B, C, H, W]) -> [B, L, D]`` with ``L = (H / patch)**2``, row-major patch order.
-    """
-
-    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int,
-                 stem: str = "patch", stem_channels: int = 8) -> None:
-        super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-        self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
-        self.stem: Optional[nn.Module] = None
-        channels = in_channels
-        if stem == "conv":
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_channels, 3, padding=1), nn.GELU())
-            channels = stem_channels
-        self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, images: Tensor) -> Tensor:
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {tuple(images.shape)}")
-        x = self.stem(images) if self.stem is not None else images  # [b, c, h, w]
-        return self.proj(x).flatten(2).transpose(1, 2)  # [b, d, g, g] -> [b, l, d]
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with ``F.scaled_dot_product_attention``.
-
-    ``forward(x [B, L, D]) -> [B, L, D]``.
-    """
-
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, l, d = x.shape
-        qkv = self.qkv(x).reshape(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [b, heads, l, d/heads]
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(out.transpose(1, 2).reshape(b, l, d))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
-
-    ``mlp`` is a dense :class:`~moe_lite.layers.FFN` or, when ``is_moe``, a :class:`~moe_lite.layers.MoE`
-    (or a :class:`~moe_lite.layers.SoftMoE` with ``moe_type="soft"``).
-    ``forward(x [B, L, D]) -> [B, L, D]``.
-    """
-
-    def __init__(self, dim: int, heads: int, mlp: nn.Module, dropout: float = 0.0, is_moe: bool = False) -> None:
-        super().__init__()
-        self.is_moe = bool(is_moe)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = mlp
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
-        return x + self.drop(self.mlp(self.norm2(x)))
-
-
+# ---- modules (PatchEmbed, Attention, Block: models/blocks.py) ----------------------------------
 class ViT(nn.Module):
     """Vision Transformer whose FFNs are dense or MoE according to ``config.moe_layers``.
 
@@ -633,87 +572,35 @@ def count_parameters(model: nn.Module, k_active: Optional[float] = None) -> Dict
     return {"total": total, "active_per_token": active, "routed_expert_params": routed}
 
 
-# ---- routing analysis -------------------------------------------------------------------------
-def _routings(model: nn.Module) -> List[Tuple[str, Any]]:
-    out = []
-    for name, layer in moe_layers(model):
-        if getattr(layer, "router", None) is None:  # SoftMoE: a soft mix, no discrete routing
-            continue
-        routing = getattr(layer, "routing", None)
-        if routing is None:
-            raise ValueError(f"MoE layer {name!r} has no routing yet: run a forward pass first")
-        out.append((name, routing))
-    if not out:
-        raise ValueError("the model has no routed MoE layer")
-    return out
-
-
-def experts_per_token(model: nn.Module) -> Dict[str, Tensor]:
-    """``{layer name: long [B, L]}``: experts each token used in the last forward (0 = none).
-
-    L counts every token the layer saw (the ``cls`` token first with ``pooling="cls"``).
-    """
-    return {
-        name: r.experts_per_token.reshape(r.batch_size, r.seq_len) for name, r in _routings(model)
-    }
-
-
-def experts_per_sample(model: nn.Module) -> Dict[str, Tensor]:
-    """``{layer name: float [B]}``: mean experts per token of each sample in the last forward."""
-    return {name: ept.float().mean(dim=1) for name, ept in experts_per_token(model).items()}
-
-
+# ---- routing analysis: moe_lite.inspect (these names stay for notebooks and experiments) -----------
 def set_threshold(model: nn.Module, p: float) -> int:
-    """Set the threshold ``p`` of every :class:`~moe_lite.routers.TopP` router in ``model``, live.
+    """Set the threshold ``p`` of every :class:`~moe_lite.routers.TopP` router in ``model``, live:
+    ``moe_lite.inspect.inference_threshold(model, p, kind=TopP)``; returns how many routers changed.
 
-    Takes effect on the next forward (no retraining). ``p`` is each router's buffer ``threshold``,
-    so ``state_dict`` and checkpoints carry it. Returns how many routers changed.
+    Takes effect on the next forward (no retraining); ``p`` lives in each router's buffer
+    ``threshold``, so ``state_dict`` and checkpoints carry it.
 
     Raises:
         ValueError: when the model has no TopP router, or ``p`` is not a number in (0, 1] (then
             nothing changes).
     """
-    routers = [m for m in model.modules() if isinstance(m, TopP)]
-    if not routers:
-        raise ValueError("the model has no TopP router")
-    for router in routers:  # the first one rejects a bad p before any has changed
-        router.set_inference_threshold(p)
-    return len(routers)
+    return len(inference_threshold(model, p, kind=TopP).previous)
 
 
 def patch_experts(model: nn.Module, layer: Union[str, int], k: int = 1) -> Tensor:
-    """``long [B, P, k]``: the ``k`` highest-weight experts of each *patch* in the last forward.
+    """``long [B, P, k]``: the ``k`` highest-weight experts of each *patch* in the last forward
+    (:func:`moe_lite.inspect.top_experts` of that layer's routing, the ``cls`` token left out).
 
     ``layer`` is a collector name (``"blocks.3.mlp"``) or a block index. ``P`` = patches in row-major
-    order (the ``cls`` token, if any, is left out), so ``.reshape(B, grid, grid, k)`` gives the image
-    layout. Slots are ordered by routing weight, highest first; ``-1`` where a patch has fewer than k
-    experts (no expert at all: a dropped / skipped token).
+    order, so ``.reshape(B, grid, grid, k)`` gives the image layout; ``-1`` where a patch has fewer
+    than k experts.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    routings = dict(_routings(model))
+    routings = last_routings(model)
     name = f"blocks.{layer}.mlp" if isinstance(layer, int) else layer
     if name not in routings:
         raise ValueError(f"no MoE layer named {name!r}; MoE layers: {sorted(routings)}")
     r = routings[name]
-    n, e = r.num_tokens, r.num_experts
-    dense = torch.full((n, e), float("-inf"), device=r.weight.device)
-    dense[r.token, r.expert] = r.weight.detach().float()
-    taken = torch.zeros(n, e, dtype=torch.bool, device=r.token.device)
-    taken[r.token, r.expert] = True
-    kk = min(k, e)
-    order = dense.topk(kk, dim=-1).indices  # [n, kk]
-    valid = taken.gather(1, order)
-    top = torch.where(valid, order, torch.full_like(order, -1))
-    if kk < k:
-        top = torch.cat([top, top.new_full((n, k - kk), -1)], dim=1)
-    top = top.reshape(r.batch_size, r.seq_len, k)
-    extra = r.seq_len - _num_patches(model, r.seq_len)
-    return top[:, extra:]
-
-
-def _num_patches(model: nn.Module, seq_len: int) -> int:
+    top = top_experts(r, k)
     config = getattr(model, "config", None)
-    if isinstance(config, ViTConfig) and config.seq_len == seq_len:
-        return config.num_patches
-    return seq_len
+    patches = config.num_patches if isinstance(config, ViTConfig) and config.seq_len == r.seq_len else r.seq_len
+    return top[:, r.seq_len - patches:]
