@@ -120,3 +120,19 @@ def test_results_findings_quote_the_published_json():
     shown = shown_numbers(p.read_text() for p in (ROOT / "docs" / "results").rglob("*.json"))
     bad = unsupported((ROOT / "docs" / "results-intro.md").read_text(), shown)
     assert not bad, ("docs/results-intro.md quotes numbers no published JSON holds:\n  " + "\n  ".join(bad))
+
+
+def test_results_page_is_rendered_from_the_published_json():
+    """docs/results.md is exactly what ``python -m moe_lite report`` writes from the published JSON and
+    docs/results-intro.md (figure links aside), so its comparison sentences are the numbers' own."""
+    from moe_lite.experiments.report import load_records, render
+
+    records = load_records(ROOT / "docs" / "results" / "quick")
+    expected = render(records, intro=(ROOT / "docs" / "results-intro.md").read_text())
+    page = (ROOT / "docs" / "results.md").read_text()
+
+    def lines(text):
+        return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("![")]
+
+    assert lines(page) == lines(expected), "re-run: python -m moe_lite report docs/results/quick --intro " \
+        "docs/results-intro.md --figures docs/results/figures --out docs/results.md"

@@ -131,3 +131,25 @@ def test_check_sentence_fails_a_claim_the_numbers_do_not_support():
     check_sentence(f"dense beats BL choice on FD by {gain:.1f}.", "BL choice", "dense", r)
     with pytest.raises(AssertionError, match="quotes seeds 5"):
         check_sentence(f"dense beats BL choice on FD by {gain:.1f} (5 seeds).", "BL choice", "dense", r)
+
+
+# ---- comparison sentences written by the numbers on the results page -------------------------------
+def _dynamic_record(top_p, top_2):
+    return {"name": "dynamic", "size": "quick", "tables": {}, "config": {"seeds": [0, 1, 2]},
+            "metrics": {"top-p": {"accuracy": {"values": top_p, "seeds": [0, 1, 2]}},
+                        "top-2": {"accuracy": {"values": top_2, "seeds": [0, 1, 2]}}}}
+
+
+def test_compare_directives_are_written_by_the_numbers():
+    from moe_lite.experiments.report import UsageError, expand_comparisons
+
+    text = "Top-p: {compare dynamic: top-p vs top-2 on accuracy}. The rest stays."
+    clear = expand_comparisons(text, [_dynamic_record([0.82, 0.83, 0.84], [0.80, 0.81, 0.82])])
+    assert clear == ("Top-p: top-p beats top-2 on accuracy by 0.02 (95% CI [0.02, 0.02], 3 seeds). "
+                     "The rest stays.")
+    mixed = expand_comparisons(text, [_dynamic_record([0.82, 0.80, 0.84], [0.80, 0.81, 0.82])])
+    assert "top-p and top-2 are not separable on accuracy" in mixed
+    for bad in ("{compare dynamic: top-p vs top-9 on accuracy}", "{compare zoo: a vs b on accuracy}",
+                "{compare dynamic: top-p vs top-2 on speed}"):
+        with pytest.raises(UsageError, match="compare"):
+            expand_comparisons(bad, [_dynamic_record([0.8, 0.8, 0.9], [0.8, 0.8, 0.8])])

@@ -14,7 +14,8 @@ from ..data import make_loader
 from ..inspect import moe_layers, record_routing, routing_stats
 from ..train import (CheckpointError, ClassificationTask, History, TrainConfig, fit, load_checkpoint,
                      read_checkpoint, remove_stale_temporaries)
-from .core import SHIPPED_DIR, Dataset, RunContext
+from . import core
+from .core import Dataset, RunContext
 
 
 #: the quick ViT recipe's architecture (docs/recipes.md), as overrides of ViTConfig's defaults: 16 tokens
@@ -174,7 +175,7 @@ def shipped_problem(payload: Dict[str, Any], key: str, train_config: Dict[str, A
 def _shown(path: Path) -> str:
     """``path`` inside the installed package as ``moe_lite/...`` (no machine's folders in outputs)."""
     try:
-        return f"moe_lite/{Path(path).relative_to(SHIPPED_DIR.parent).as_posix()}"
+        return f"moe_lite/{Path(path).relative_to(core.SHIPPED_DIR.parent).as_posix()}"
     except ValueError:
         return str(path)
 

@@ -217,6 +217,11 @@ def _train(variant: str, overrides: Dict[str, Any], seed: int, run: Run) -> Dict
     final = history.evals[-1]
     out: Dict[str, Any] = {key: gen[key] for key in ("fd_fmnist_classifier", "conditional_accuracy",
                                                      "experts_per_token") if key in gen}
+    if "experts_by_timestep" in gen:  # every seed's, for the mean over seeds
+        out["timestep_profile"] = [float(v) for v in gen["experts_by_timestep"]]
+    # per MoE layer at the last evaluation (eval mode: Race routes by its threshold), every seed
+    out["dropped_by_layer"] = {layer: float(stats["dropped_fraction"])
+                               for layer, stats in (final.get("routing") or {}).items() if "dropped_fraction" in stats}
     out.update(balance=layer_mean(final.get("routing") or {}, ("max_vio", "combination_usage", "load_cv")),
                val_loss=final.get("loss"), train_time_s=history.wall_time_s,
                loss_curve=smoothed_loss(history.steps))
@@ -300,8 +305,11 @@ def _summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
         entry = {**summary, "val_loss": run.over_seeds(per_seed, "val_loss"),
                  "train_time_s": run.over_seeds(per_seed, "train_time_s"),
                  "steps": first["steps"], "routing": first["routing"], "config": dataclasses.asdict(first["config"])}
-        if first["experts_by_timestep"] is not None:
-            entry["experts_by_timestep"] = first["experts_by_timestep"]
+        if "timestep_profile" in first:
+            buckets = range(len(first["timestep_profile"]))
+            entry["experts_by_timestep_seeds"] = [
+                mean_std([r["timestep_profile"][b] for r in per_seed.values()], seeds=seeds) for b in buckets]
+            entry["experts_by_timestep"] = [v["mean"] for v in entry["experts_by_timestep_seeds"]]
         result.metrics[variant] = entry
         curves[variant] = first["curve"]
         rows.append(_row(variant, entry))
@@ -312,6 +320,7 @@ def _summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
     for title, names in STUDY_TABLES:
         if all(n in by_name for n in names):
             run.table(title.split(":")[0].lower().replace(" ", "_"), title, [by_name[n] for n in names] + [floor_row])
+    _per_seed_routing_tables(records, run)
     if "dense" in records and len(records) > 1:
         run.table("convergence", "convergence: steps to reach the dense DiT's final training loss "
                   f"(task loss, mean of {LOSS_WINDOW} steps; same seed)", _convergence(records, seeds))
@@ -320,6 +329,34 @@ def _summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
     if moe_curves:
         result.figures["balance during training"] = viz.stat_curves(
             moe_curves, x="step", keys=("load_cv", "max_vio", "combination_usage"))
+
+
+def _per_seed_routing_tables(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
+    """Two routing tables over every seed of the MoE variants: experts per token by diffusion time
+    while sampling, and the share of tokens that get no expert, per MoE layer, at the last evaluation."""
+    seeds = run.seeds
+    timestep_rows, dropped_rows = [], []
+    for variant, per_seed in records.items():
+        first = per_seed[seeds[0]]
+        if "timestep_profile" in first:
+            n = len(first["timestep_profile"])
+            timestep_rows.append({"variant": variant, **{
+                f"t {b / n:.1f}-{(b + 1) / n:.1f}": format_mean_std(
+                    mean_std([r["timestep_profile"][b] for r in per_seed.values()], seeds=seeds), 2)
+                for b in range(n)}})
+        if first.get("dropped_by_layer"):
+            dropped_rows.append({"variant": variant, **{
+                layer: format_mean_std(mean_std([r["dropped_by_layer"][layer] for r in per_seed.values()],
+                                                seeds=seeds), 3) for layer in first["dropped_by_layer"]}})
+            run.result.metrics[variant]["dropped_by_layer_seeds"] = {
+                layer: mean_std([r["dropped_by_layer"][layer] for r in per_seed.values()], seeds=seeds)
+                for layer in first["dropped_by_layer"]}
+    if timestep_rows:
+        run.table("experts_by_timestep", "experts per token while sampling, by diffusion time t (0 = clean, "
+                  f"1 = noise; mean ± std over {len(seeds)} seeds)", timestep_rows)
+    if dropped_rows:
+        run.table("no_expert_by_layer", "share of tokens with no expert, per MoE layer, at the last evaluation "
+                  f"(mean ± std over {len(seeds)} seeds)", dropped_rows)
 
 
 PAIRING = Pairing("dense", {"fd_fmnist_classifier": "lower", "conditional_accuracy": "higher"})

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -88,7 +88,11 @@ def _train(name: str, make: Callable[..., ViTConfig], seed: int, run: Run) -> Di
     record = train_classifier(name, seeded_build(seed, lambda: ViT(config)), run.ctx, run.spec, seed,
                               run.state["train"], test, experiment="dynamic")
     profile = expert_profile(record.model, test, run.ctx.device)
-    out: Dict[str, Any] = {"difficulty": _difficulty(profile, test)}
+    out: Dict[str, Any] = {"difficulty": _difficulty(profile, test),
+                           "experts_by_class": [float(profile["experts"][test.y == c].mean()) for c in range(10)],
+                           "accuracy_by_class": [float(profile["correct"][test.y == c].mean()) for c in range(10)]}
+    if name == "top-p":  # the inference-only sweep, on every seed's model
+        out["sweep"] = _sweep(record.model, test, run.ctx.device)
     if run.first_seed(seed):
         out.update(model=record.model, routing=record.metrics.get("routing"), profile=profile,
                    figures={f"training curves: {name}": viz.training_curves(record.history)})
@@ -96,20 +100,21 @@ def _train(name: str, make: Callable[..., ViTConfig], seed: int, run: Run) -> Di
 
 
 def _summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
-    result, test, seeds = run.result, run.state["test"], run.seeds
+    result, seeds = run.result, run.seeds
     rows, hardness_rows = [], []
     for name, by_seed in records.items():
         per_seed = [r["difficulty"] for r in by_seed.values()]
-        first = by_seed[seeds[0]]["profile"]
         result.metrics[f"{name}/routing"] = by_seed[seeds[0]]["routing"]
         summary = {key: mean_std([d[key] for d in per_seed], seeds=seeds) for key in per_seed[0] if key != "layers"}
         layers = {layer: mean_std([d["layers"][layer] for d in per_seed], seeds=seeds) for layer in per_seed[0]["layers"]}
+        by_class = {key: [mean_std([r[key][c] for r in by_seed.values()], seeds=seeds) for c in range(10)]
+                    for key in ("experts_by_class", "accuracy_by_class")}
         result.metrics[name] = {
             **summary,
             "experts_per_layer": {k: v["mean"] for k, v in layers.items()},
             "experts_per_layer_seeds": layers,
-            "experts_by_class": [float(first["experts"][test.y == c].mean()) for c in range(10)],
-            "accuracy_by_class": [float(first["correct"][test.y == c].mean()) for c in range(10)],
+            **{key: [v["mean"] for v in values] for key, values in by_class.items()},
+            **{f"{key}_seeds": values for key, values in by_class.items()},
         }
         rows.append({"model": name, "accuracy": format_mean_std(summary["accuracy"], 4),
                      "experts_per_token": format_mean_std(summary["experts_per_token"], 3),
@@ -125,8 +130,8 @@ def _summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
     run.table("comparison", "top-p vs top-1 and top-2", rows)
     run.table("hardness", "do harder inputs take more experts?", hardness_rows)
     if "top-p" in result.metrics:
-        _class_table_and_figures(run, test)
-        _threshold_sweep(run, test)
+        _class_table_and_figures(run)
+        _threshold_sweep_table(run, [records["top-p"][s]["sweep"] for s in seeds])
 
 
 DYNAMIC = Experiment(
@@ -168,12 +173,12 @@ def _difficulty(profile: Dict[str, torch.Tensor], test: Dataset) -> Dict[str, fl
             "layers": {k: float(v.mean()) for k, v in profile["layers"].items()}}
 
 
-def _class_table_and_figures(run: Run, test: Dataset) -> None:
+def _class_table_and_figures(run: Run) -> None:
     result = run.result
     dyn = result.metrics["top-p"]
-    run.table("experts_per_class", "experts per class (top-p, first seed)", [
-        {"class": CLASS_NAMES[c], "experts_per_token": round(v, 3), "accuracy": round(a, 4)}
-        for c, (v, a) in enumerate(zip(dyn["experts_by_class"], dyn["accuracy_by_class"]))])
+    run.table("experts_per_class", f"experts per class (top-p, mean ± std over {len(run.seeds)} seeds)", [
+        {"class": CLASS_NAMES[c], "experts_per_token": format_mean_std(v, 3), "accuracy": format_mean_std(a, 4)}
+        for c, (v, a) in enumerate(zip(dyn["experts_by_class_seeds"], dyn["accuracy_by_class_seeds"]))])
     result.figures["experts per token by layer"] = viz.layer_stat_bars(
         {layer: {"experts_per_token": v} for layer, v in dyn["experts_per_layer"].items()},
         keys="experts_per_token", title="top-p: mean experts per token in each MoE layer")
@@ -181,28 +186,35 @@ def _class_table_and_figures(run: Run, test: Dataset) -> None:
     result.figures["experts per token by class"] = viz.layer_stat_bars(
         {CLASS_NAMES[c]: {"experts_per_token": v} for c, v in enumerate(dyn["experts_by_class"])},
         keys="experts_per_token", x_title="class", y_title="mean experts per token",
-        title="top-p: experts per token by class (first seed)")
+        title=f"top-p: experts per token by class (mean over {len(run.seeds)} seeds)")
     routing = result.metrics.get("top-p/routing")
     if routing:
         run.table("routing", "routing (top-p)", routing_table(routing))
 
 
-def _threshold_sweep(run: Run, test: Dataset) -> None:
-    result, ctx = run.result, run.ctx
-    model = result.models["top-p"]
+def _sweep(model: torch.nn.Module, test: Dataset, device: torch.device) -> List[Dict[str, float]]:
+    """The trained top-p model at every threshold of :data:`SWEEP` (inference only): accuracy and
+    experts per token at each."""
     points = []
-    trained_p = model.config.router_kwargs["p"]
     for value in SWEEP:
         with inference_threshold(model, value, kind=TopP):  # the trained p comes back on exit
-            profile = expert_profile(model, test, ctx.device)
+            profile = expert_profile(model, test, device)
         points.append({"p": value, "accuracy": float(profile["correct"].mean()),
                        "experts_per_token": float(profile["experts"].mean())})
-    run.table("threshold_sweep", "threshold sweep (inference only)", [{k: round(v, 4) for k, v in pt.items()} for pt in points])
-    result.metrics["threshold_sweep"] = points
-    result.figures["accuracy vs experts per token"] = viz.tradeoff_curve(
-        [pt["experts_per_token"] for pt in points], [pt["accuracy"] for pt in points],
-        labels=[f"p={pt['p']}" for pt in points], x_title="mean experts per token", y_title="test accuracy",
-        title="top-p threshold moved at inference (trained at p=%.1f)" % trained_p)
+    return points
+
+
+def _threshold_sweep_table(run: Run, sweeps: Sequence[List[Dict[str, float]]]) -> None:
+    """The sweep over every seed's top-p model: mean ± std over seeds at each threshold."""
+    rows = []
+    for i, value in enumerate(SWEEP):
+        rows.append({"p": value, **{key: format_mean_std(mean_std([sweep[i][key] for sweep in sweeps],
+                                                                  seeds=run.seeds), 4)
+                                    for key in ("accuracy", "experts_per_token")}})
+    run.result.metrics["threshold_sweep"] = [
+        {"p": value, **{key: mean_std([sweep[i][key] for sweep in sweeps], seeds=run.seeds)
+                        for key in ("accuracy", "experts_per_token")}} for i, value in enumerate(SWEEP)]
+    run.table("threshold_sweep", f"threshold sweep (inference only, mean ± std over {len(run.seeds)} seeds)", rows)
 
 
 __all__ = ["run_dynamic", "DYNAMIC", "VARIANTS", "expert_profile", "spearman", "base_config"]

@@ -91,10 +91,14 @@ def dynamic_figures(record: Record) -> Dict[str, go.Figure]:
     figs["experts-per-layer"] = fig
     sweep = metrics.get("threshold_sweep")
     if sweep:
-        fig = go.Figure(go.Scatter(x=[p["experts_per_token"] for p in sweep], y=[p["accuracy"] for p in sweep],
+        seeded = isinstance(sweep[0]["accuracy"], dict)  # mean_std over seeds (older records: one seed)
+        fig = go.Figure(go.Scatter(x=[_mean(p["experts_per_token"]) for p in sweep],
+                                   y=[_mean(p["accuracy"]) for p in sweep],
+                                   error_y={"type": "data", "array": [_std(p["accuracy"]) for p in sweep]},
                                    mode="lines+markers+text", text=[f"p={p['p']}" for p in sweep],
                                    textposition="bottom right"))
-        fig.update_layout(title="top-p threshold moved at inference (first seed)",
+        fig.update_layout(title="top-p threshold moved at inference "
+                                + ("(mean ± std over seeds)" if seeded else "(first seed)"),
                           xaxis={"title": "mean experts per token"}, yaxis={"title": "test accuracy"},
                           height=400, width=720)
         figs["threshold-sweep"] = fig

@@ -15,17 +15,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from ..settings import published_results_dir
-from ..stats import PairedDifference, accuracy_se, check_sentence, paired_difference
+from ..stats import PairedDifference, accuracy_se, check_sentence, compare_sentence, paired_difference
 from .core import PAIRED_TABLE, UsageError, check_output_folder, paired_comparisons, seed_values
 from .registry import EXPERIMENTS, pairing_of, write_figures
 
 __all__ = ["UsageError", "check_output_folder", "load_records", "render", "section", "write_report", "published",
-           "show_published", "record_comparison", "check_record_sentence"]
+           "show_published", "record_comparison", "check_record_sentence", "expand_comparisons"]
 
 
 #: the keys every record (a JSON file of ``run``) has, the optional ones, and their JSON types
@@ -236,6 +237,33 @@ def check_record_sentence(sentence: str, record: Dict[str, Any], name_a: str, na
     check_sentence(sentence, name_a, name_b, record_comparison(record, name_a, name_b, metric, group), metric)
 
 
+#: ``{compare <experiment>[/<group>]: <A> vs <B> on <metric>}`` in the page's intro: replaced by the
+#: sentence the per-seed numbers support (:func:`moe_lite.stats.compare_sentence`), so a finding that
+#: compares two variants is written by the numbers, not by hand
+COMPARE = re.compile(r"\{compare (?P<experiment>[\w-]+)(?:/(?P<group>[^:}]*))?: (?P<a>[^{}]+?) vs "
+                     r"(?P<b>[^{}]+?) on (?P<metric>[\w.]+)\}")
+
+
+def expand_comparisons(text: str, records: Iterable[Dict[str, Any]]) -> str:
+    """``text`` with every ``{compare ...}`` directive (:data:`COMPARE`) replaced by its sentence, e.g.
+    ``{compare dynamic: top-p vs top-1 on accuracy}`` -> "top-p and top-1 are not separable on
+    accuracy (top-p − top-1 = ..., 95% CI [...], 3 seeds)". :class:`UsageError` naming the directive
+    when its experiment, variants or metric are not in ``records``."""
+    by_name = {r["name"]: r for r in records}
+
+    def sentence(match: "re.Match[str]") -> str:
+        name, group = match["experiment"], match["group"] or ""
+        if name not in by_name:
+            raise UsageError(f"{match[0]}: no published result for {name!r}")
+        try:
+            result = record_comparison(by_name[name], match["a"], match["b"], match["metric"], group)
+        except (KeyError, ValueError) as err:
+            raise UsageError(f"{match[0]}: {err}") from None
+        return compare_sentence(match["a"], match["b"], result, match["metric"].split(".")[-1].replace("_", " "))
+
+    return COMPARE.sub(sentence, text)
+
+
 def load_records(folder: str | Path) -> List[Dict[str, Any]]:
     """Every ``*.json`` of ``folder`` (each must be a record of ``run``: see :func:`read_record`),
     in the page's order; :class:`UsageError` when ``folder`` is not a folder."""
@@ -250,10 +278,11 @@ def load_records(folder: str | Path) -> List[Dict[str, Any]]:
 
 def render(records: Iterable[Dict[str, Any]], title: str = "moe_lite: measured results",
            intro: Optional[str] = None, figures: Optional[Mapping[str, Mapping[str, str]]] = None) -> str:
-    """The page: ``intro`` (markdown, e.g. the findings written from these tables) or a title, then
-    a section per record; ``figures``: experiment -> {figure name: link}."""
+    """The page: ``intro`` (markdown, e.g. the findings written from these tables, its ``{compare ...}``
+    directives expanded: :func:`expand_comparisons`) or a title, then a section per record;
+    ``figures``: experiment -> {figure name: link}."""
     records = list(records)
-    head = [intro.rstrip() + "\n" if intro else f"# {title}\n",
+    head = [expand_comparisons(intro, records).rstrip() + "\n" if intro else f"# {title}\n",
             "Every table below was produced by the command above it (JSON and HTML reports in the "
             "output folder). Generation metrics are a Fréchet distance on the features of moe_lite's "
             "own Fashion-MNIST classifier (`fd_fmnist_classifier`), not Inception FID.\n"]
