@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..analysis import EXPERT_LOAD, expert_load
 from ..data import make_loader
 from ..inspect import moe_layers, record_routing, routing_stats
-from ..train import (CheckpointError, ClassificationTask, History, TrainConfig, fit, load_checkpoint,
+from ..train import (CheckpointError, ClassificationTask, History, TrainConfig, evaluate, fit, load_checkpoint,
                      read_checkpoint, remove_stale_temporaries)
 from . import core
 from .core import Dataset, RunContext
@@ -191,6 +191,7 @@ def _load_finished(path: Path, payload: Dict[str, Any], name: str, model: nn.Mod
         raise CheckpointError(f"{path} holds the states of {len(states)} callbacks, not of the {len(stateful)} "
                               f"given", path)
     load_checkpoint(path, model)  # refuses one that does not fit, leaving the model as it was
+    ctx.checkpoints_loaded.append(path)
     for callback, state in zip(stateful, states):
         callback.load_state_dict(state)
     model.to(ctx.device).eval()
@@ -222,7 +223,9 @@ def train_classifier(name: str, model: nn.Module, ctx: RunContext, size: Classif
     task = ClassificationTask(augment=size.augment, shift=size.shift, label_smoothing=size.label_smoothing)
     history = cached_fit(experiment, name, model, task, train_loader, test_loader, config, ctx,
                          key=(seed, task, *key), callbacks=callbacks)
-    final = history.evals[-1]
+    # measured now, by this code, not read from the history (a cached run's history holds what the code
+    # that trained it measured); the same evaluation the trainer's last one ran
+    final = evaluate(model, task, test_loader, device=ctx.device, seed=seed)
     metrics = {
         "accuracy": final.get("accuracy"),
         "loss": final.get("loss"),

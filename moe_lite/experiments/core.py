@@ -83,6 +83,8 @@ class RunContext:
     shipped: bool = True
     #: every cache file this context's runs looked up, in order (what ``moe_lite.experiments.ship`` copies)
     checkpoints_used: List[Path] = field(default_factory=list, repr=False)
+    #: those of them whose finished run was loaded (from the cache or a shipped file), not trained
+    checkpoints_loaded: List[Path] = field(default_factory=list, repr=False)
     #: the settings this context was made from (data path, offline, cache root...); None: the defaults
     settings: Optional[Settings] = field(default=None, repr=False)
     _splits: Optional[Tuple[Dataset, Dataset]] = field(default=None, repr=False)

@@ -95,8 +95,12 @@ def provenance_line(record: Dict[str, Any]) -> str:
     commit = str(p.get("git_commit", "unknown"))
     dirty = " with uncommitted changes" if p.get("git_dirty") else ""
     seeds = " ".join(str(s) for s in p.get("seeds") or []) or "-"
+    models = ""
+    if "models_loaded" in p:
+        models = (f" This run trained {p['models_trained']} models and loaded {p['models_loaded']} finished "
+                  f"ones from the cache (their training time is in the tables, not in the wall time).")
     return (f"Provenance: git {commit[:12]}{dirty}; torch {p.get('torch')}, Python {p.get('python')}; "
-            f"{p.get('device')} ({p.get('device_name')}), {p.get('threads')} threads; seeds {seeds}.\n")
+            f"{p.get('device')} ({p.get('device_name')}), {p.get('threads')} threads; seeds {seeds}.{models}\n")
 
 
 def record_paired_table(record: Dict[str, Any]) -> Optional[tuple]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ..train import pick_device
-from .core import ExperimentResult, Pairing, RunContext, Timer, UsageError, mean_std, paired_comparisons
+from .core import ExperimentResult, Pairing, RunContext, Timer, UsageError, mean_std, paired_comparisons, provenance
 
 __all__ = ["Experiment", "Run", "UnknownVariant", "run"]
 
@@ -137,6 +137,7 @@ def run(experiment: Experiment, ctx_or_settings: Any = None, *, settings: Any = 
     source = experiment.data_source or ctx.splits()[0].source
     result = ExperimentResult(experiment.name, ctx.size, str(ctx.device), source)
     state = Run(experiment, ctx, chosen, {**experiment.options, **options}, result)
+    used, loaded = len(ctx.checkpoints_used), len(ctx.checkpoints_loaded)
     with Timer() as timer:
         if experiment.prepare is not None:
             result.config = experiment.prepare(state)
@@ -165,6 +166,10 @@ def run(experiment: Experiment, ctx_or_settings: Any = None, *, settings: Any = 
             if rows:
                 result.add_table("paired", title, rows)
     result.wall_time_s = timer.seconds
+    # the wall time is this run's: say how many models it trained and how many it loaded finished
+    n_loaded = len(ctx.checkpoints_loaded) - loaded
+    result.provenance = {**provenance(str(ctx.device), result.config.get("seeds")),
+                         "models_trained": len(ctx.checkpoints_used) - used - n_loaded, "models_loaded": n_loaded}
     return result
 
 
