@@ -248,6 +248,11 @@ COMPARE = re.compile(r"\{compare (?P<experiment>[\w-]+)(?:/(?P<group>[^:}]*))?: 
                      r"(?P<b>[^{}]+?) on (?P<metric>[\w.]+)\}")
 
 
+#: how a compared metric is named in a sentence
+METRIC_LABELS = {"fd_fmnist_classifier": "FD", "max_vio": "MaxVio", "conditional_accuracy": "conditional accuracy",
+                 "experts_per_token": "experts per token"}
+
+
 def expand_comparisons(text: str, records: Iterable[Dict[str, Any]]) -> str:
     """``text`` with every ``{compare ...}`` directive (:data:`COMPARE`) replaced by its sentence, e.g.
     ``{compare dynamic: top-p vs top-1 on accuracy}`` -> "top-p and top-1 are not separable on
@@ -263,7 +268,8 @@ def expand_comparisons(text: str, records: Iterable[Dict[str, Any]]) -> str:
             result = record_comparison(by_name[name], match["a"], match["b"], match["metric"], group)
         except (KeyError, ValueError) as err:
             raise UsageError(f"{match[0]}: {err}") from None
-        return compare_sentence(match["a"], match["b"], result, match["metric"].split(".")[-1].replace("_", " "))
+        metric = match["metric"].split(".")[-1]
+        return compare_sentence(match["a"], match["b"], result, METRIC_LABELS.get(metric, metric.replace("_", " ")))
 
     return COMPARE.sub(sentence, text)
 
