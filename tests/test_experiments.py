@@ -294,7 +294,7 @@ def test_report_section_adds_paired_comparisons_noise_and_provenance():
             "device": "cpu", "device_name": "Some CPU", "threads": 1, "seeds": [0, 1, 2]}
     own = [{"variant": "vimoe", "verdict": "from the run"}]
     text = section(_vimoe_record(provenance=prov, tables={"paired comparisons against dense (x)": own}))
-    assert ("Provenance: git 0123456789ab with uncommitted changes; torch 2.1, Python 3.11.2; cpu (Some CPU), "
+    assert ("Provenance: git 0123456789ab with uncommitted changes to moe_lite/; torch 2.1, Python 3.11.2; cpu (Some CPU), "
             "1 threads; seeds 0 1 2.") in text
     # the run's own table is printed once and not recomputed
     assert text.count("paired comparisons against dense") == 1 and "from the run" in text

@@ -432,11 +432,13 @@ def device_name(device: str) -> str:
 
 
 def provenance(device: str, seeds: Optional[Sequence[int]] = None) -> Dict[str, Any]:
-    """Where a result came from: git commit (``"unknown"`` outside a git checkout) and whether
-    tracked files differed from it, torch and Python versions, device and its model name, CPU
-    threads, seeds. No host name or user (results are published)."""
+    """Where a result came from: git commit (``"unknown"`` outside a git checkout) and whether the
+    package's tracked files (``moe_lite/``) differed from it, torch and Python versions, device and its
+    model name, CPU threads, seeds. No host name or user (results are published)."""
     commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    # the package's own files: a results JSON or a notebook being rewritten does not change the numbers
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", str(Path(__file__).resolve().parents[1])) \
+        if commit else None
     return {"git_commit": commit or "unknown", "git_dirty": bool(dirty) if commit else None,
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
             "device_name": device_name(str(device)), "threads": torch.get_num_threads(),

@@ -93,7 +93,7 @@ def provenance_line(record: Dict[str, Any]) -> str:
     if not p:
         return "Provenance: not recorded (the run predates provenance in the JSON).\n"
     commit = str(p.get("git_commit", "unknown"))
-    dirty = " with uncommitted changes" if p.get("git_dirty") else ""
+    dirty = " with uncommitted changes to moe_lite/" if p.get("git_dirty") else ""
     seeds = " ".join(str(s) for s in p.get("seeds") or []) or "-"
     models = ""
     if "models_loaded" in p:
