@@ -426,6 +426,9 @@ def test_smoothed_loss_and_steps_to_reach():
     assert steps_to_reach(curve, 1.0) is None
     # a short run averages over a fifth of its steps (here 1), so it still has a curve
     assert smoothed_loss(steps[:5], window=50) == [(i + 1, float(10 - i)) for i in range(5)]
+    # a DiT's record: the flow-matching part, not the task loss with the per-layer regression in it
+    dit_steps = [{"step": 1, "loss": 9.0, "task_loss": 2.0, "diffusion": 0.5}]
+    assert smoothed_loss(dit_steps, window=1) == [(1, 0.5)]
 
 
 def test_race_study_separates_the_mlp_router_from_per_layer_reg():

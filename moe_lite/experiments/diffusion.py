@@ -239,10 +239,11 @@ LOSS_WINDOW = 50
 
 
 def smoothed_loss(steps: Sequence[Dict[str, Any]], window: int = LOSS_WINDOW) -> List[Tuple[int, float]]:
-    """``[(step, mean task loss of the last window steps)]`` for every step from the ``window``-th on
-    (the task loss: aux losses differ between variants). A short run (smoke size) averages over a
-    fifth of its steps instead."""
-    losses = [float(r.get("task_loss", r["loss"])) for r in steps]
+    """``[(step, mean flow-matching loss of the last window steps)]`` for every step from the
+    ``window``-th on: the ``diffusion`` part of the loss (the per-layer regression and the aux losses
+    differ between variants, so they are left out; records without it fall back to the task loss).
+    A short run (smoke size) averages over a fifth of its steps instead."""
+    losses = [float(r.get("diffusion", r.get("task_loss", r["loss"]))) for r in steps]
     window = max(1, min(window, len(losses) // 5))
     out, total = [], 0.0
     for i, value in enumerate(losses):
@@ -324,7 +325,7 @@ def _summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> None:
     _per_seed_routing_tables(records, run)
     if "dense" in records and len(records) > 1:
         run.table("convergence", "convergence: steps to reach the dense DiT's final training loss "
-                  f"(task loss, mean of {LOSS_WINDOW} steps; same seed)", _convergence(records, seeds))
+                  f"(flow-matching loss, mean of {LOSS_WINDOW} steps; same seed)", _convergence(records, seeds))
     result.metrics["curves"] = curves
     moe_curves = {k: v for k, v in curves.items() if v}
     if moe_curves:
