@@ -44,7 +44,10 @@ def diffusion_figures(record: Record) -> Dict[str, go.Figure]:
     from .diffusion import STUDY_TABLES  # here, not at the top: diffusion.py imports this module
 
     metrics, figs = record["metrics"], {}
-    tables = [(t, names) for t, names in STUDY_TABLES if all(n in metrics for n in names)]
+    # a table whose variants the run has, all or nearly (a run made before a row was added to a table
+    # draws the others; a run that has only a few of a table's rows does not draw it)
+    tables = [(t, [n for n in names if n in metrics], len(names)) for t, names in STUDY_TABLES]
+    tables = [(t, names) for t, names, full in tables if len(names) >= 2 and len(names) >= 0.8 * full]
     if not tables:  # a run of other variants: one figure of all of them
         names = [n for n in metrics if isinstance(metrics[n], dict) and "fd_fmnist_classifier" in metrics[n]]
         tables = [("generation", names)]
