@@ -326,7 +326,8 @@ def test_published_records_get_paired_tables_and_show_published_is_unchanged():
     records = {r["name"]: r for r in load_records(Path(__file__).resolve().parents[1] / "docs/results/quick")}
     for name in ("race", "dit", "vimoe", "vimoe-grid", "dynamic", "zoo", "balance", "adapt"):
         title, rows, _ = record_paired_table(records[name])
-        assert rows and all(r["seeds"] == 3 for r in rows), name
+        seeds = len(records[name]["config"]["seeds"])  # 3, or 5 where a study is cheap (zoo, balance)
+        assert seeds >= 3 and rows and all(r["seeds"] == seeds for r in rows), name
         assert title in section(records[name])
     # the notebooks quote show_published: it shows the stored tables only
     assert "paired comparisons" not in show_published("race") and "Provenance" not in show_published("race")
