@@ -829,10 +829,6 @@ class Race(Router, InferenceThreshold):
         self.threshold.fill_(_check_real(value, "threshold"))
         self.initialized.fill_(True)
 
-    def set_threshold(self, value: float) -> None:
-        """Same as :meth:`set_inference_threshold`."""
-        self.set_inference_threshold(value)
-
     def _check_stored_threshold(self, value: float) -> None:
         _check_real(value, "threshold")
 

@@ -18,7 +18,6 @@ from moe_lite.models.dit import (
     DiTConfig,
     race_thresholds,
     sample,
-    shifted_race_threshold,
     track_experts,
     training_loss,
 )
@@ -335,7 +334,7 @@ def test_race_threshold_slider_moves_compute_and_restores():
     labels = torch.tensor([0, 5])
 
     def spent(offset):
-        with shifted_race_threshold(model, offset), track_experts(model) as usage:
+        with inference_threshold(model, lambda t: t + offset, kind=Race), track_experts(model) as usage:
             sample(model, labels, steps=2, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
         return usage.experts_per_token
 

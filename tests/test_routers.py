@@ -702,7 +702,7 @@ def test_race_eval_before_training_raises_and_set_threshold_fixes_it():
     router = Race(1).eval()
     with pytest.raises(RuntimeError, match="training batch"):
         router(torch.zeros(1, 2, 4))
-    router.set_threshold(0.5)
+    router.set_inference_threshold(0.5)
     r = router(torch.tensor([[[0.7, 0.1, 0.5, 0.2]]]))
     assert_pairs(r, {(0, 0): 0.7, (0, 2): 0.5})
 
@@ -1115,13 +1115,12 @@ def test_race_threshold_is_validated_on_every_set():
     router = Race(1)
     assert router.inference_threshold is None  # nothing trained yet
     for bad in (float("nan"), float("inf"), -float("inf"), "0.5", None, True):
-        for setter in (router.set_threshold, router.set_inference_threshold):
-            with pytest.raises(ValueError, match="threshold"):
-                setter(bad)
+        with pytest.raises(ValueError, match="threshold"):
+            router.set_inference_threshold(bad)
     assert not bool(router.initialized)
     router.set_inference_threshold(0.5)
     assert router.inference_threshold == 0.5 and bool(router.initialized)
-    router.set_threshold(-2)
+    router.set_inference_threshold(-2)
     assert router.inference_threshold == -2.0
     state = router.state_dict()
     state["threshold"] = torch.tensor(float("nan"))

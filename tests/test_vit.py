@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import moe_lite
+from moe_lite.inspect import inference_threshold
 from moe_lite.layers import FFN, MoE, SoftMoE
 from moe_lite.models.vit import (
     ViT,
@@ -18,7 +19,6 @@ from moe_lite.models.vit import (
     nominal_active_experts,
     patch_experts,
     resolve_placement,
-    set_threshold,
     top2_config,
     vimoe_config,
 )
@@ -286,7 +286,7 @@ def test_set_threshold_changes_routing_live():
     x = images()
     means = {}
     for p in (0.05, 0.5, 0.99):
-        assert set_threshold(model, p) == 2
+        assert len(inference_threshold(model, p, kind=TopP).previous) == 2
         with torch.no_grad():
             model(x)
         assert all(float(layer.router.p) == pytest.approx(p) for _, layer in moe_lite.moe_layers(model))
@@ -294,9 +294,9 @@ def test_set_threshold_changes_routing_live():
     assert means[0.05] == pytest.approx(1.0)  # the top expert alone crosses 0.05
     assert means[0.05] < means[0.5] < means[0.99]
     with pytest.raises(ValueError):
-        set_threshold(model, 0.0)
+        inference_threshold(model, 0.0, kind=TopP)
     with pytest.raises(ValueError, match="TopP"):
-        set_threshold(ViT(tiny()), 0.5)
+        inference_threshold(ViT(tiny()), 0.5, kind=TopP)
 
 
 def test_patch_experts():
@@ -326,7 +326,7 @@ def test_state_dict_round_trip(router):
     for seed in range(3):  # training forwards move Race's EMA thresholds
         model(images(seed=seed))
     if isinstance(model.blocks[1].mlp.router, TopP):
-        set_threshold(model, 0.6)
+        inference_threshold(model, 0.6, kind=TopP)
     torch.manual_seed(1)
     clone = ViT(config)
     clone.load_state_dict(model.state_dict())  # TopP's p travels in the state dict (a buffer)
@@ -389,11 +389,11 @@ def test_replace_revalidates():
 
 
 def test_set_threshold_survives_a_state_dict_round_trip():
-    # issue 9's reproducer: p moved by set_threshold used to be a plain attribute, lost on load
+    # issue 9's reproducer: p moved after training used to be a plain attribute, lost on load
     torch.manual_seed(0)
     cfg = dynamic_config(ViTConfig(dim=32, depth=2, heads=2, mlp_hidden=64))
     a = ViT(cfg)
-    set_threshold(a, 0.9)
+    inference_threshold(a, 0.9, kind=TopP)
     b = ViT(cfg)
     b.load_state_dict(a.state_dict())
     assert all(layer.router.p == 0.9 for _, layer in moe_lite.moe_layers(b))
@@ -412,7 +412,7 @@ def test_set_threshold_survives_a_state_dict_round_trip():
 def test_set_threshold_rejects_a_bad_p_and_changes_nothing(bad):
     model = ViT(dynamic_config(tiny()))
     with pytest.raises(ValueError, match="p must be in"):
-        set_threshold(model, bad)
+        inference_threshold(model, bad, kind=TopP)
     assert all(layer.router.p == 0.4 for _, layer in moe_lite.moe_layers(model))
 
 

@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from .. import viz
 from ..layers import moe_layers
 from ..models.lm import CausalLM, LMConfig, SequenceTask, accuracy_by_task_level
-from ..models.vit import experts_per_token, set_threshold
+from ..routers import TopP
+from ..inspect import inference_threshold
+from ..models.vit import experts_per_token
 from ..routing import by_label
 from ..sequences import LEVELS, SEQ_LEN, TASKS, VOCAB, Sequences, chance_accuracy, load_sequences, \
     make_sequence_loader, predicting_positions
@@ -214,20 +216,16 @@ def seed_statistics(profile: Dict[str, Any]) -> Dict[str, Any]:
 
 def threshold_sweep(model: nn.Module, data: Sequences, device: torch.device, values: Sequence[float] = SWEEP,
                     batch_size: int = 500) -> List[Dict[str, Any]]:
-    """Move the top-p threshold of a trained model (:func:`~moe_lite.models.vit.set_threshold`),
+    """Move the top-p threshold of a trained model (:class:`moe_lite.inspect.inference_threshold`),
     inference only: per value, accuracy and experts per token overall and by level. The model's
     threshold is restored afterwards."""
-    trained = model.config.router_kwargs["p"]
     points = []
-    try:
-        for value in values:
-            set_threshold(model, value)
+    for value in values:
+        with inference_threshold(model, value, kind=TopP):  # the trained p is back on exit
             profile = sequence_profile(model, data, device, batch_size)
-            points.append({"p": float(value), "accuracy": float(profile["correct"].float().mean()),
-                           "experts_per_token": float(profile["experts"].mean()),
-                           "experts_by_level": _by(profile["experts"], profile["level"], LEVELS)})
-    finally:
-        set_threshold(model, trained)
+        points.append({"p": float(value), "accuracy": float(profile["correct"].float().mean()),
+                       "experts_per_token": float(profile["experts"].mean()),
+                       "experts_by_level": _by(profile["experts"], profile["level"], LEVELS)})
     return points
 
 

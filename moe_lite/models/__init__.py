@@ -14,7 +14,6 @@ from .vit import (
     experts_per_sample,
     experts_per_token,
     patch_experts,
-    set_threshold,
     top2_config,
     vimoe_config,
 )
@@ -38,7 +37,6 @@ __all__ = [
     "experts_per_sample",
     "experts_per_token",
     "patch_experts",
-    "set_threshold",
     "top2_config",
     "vimoe_config",
     "LoRAExperts",

@@ -18,7 +18,7 @@ MoE blocks (``config.moe_routing != "none"``): every block's MLP becomes a
 ``ExpertChoice(k)`` (per-sample groups), ``"race"`` = ``Race(k, candidates="BLE")`` (one top-K over
 the whole ``B*L*E`` score tensor) and the paper's Table 6 variants ``"bl"``, ``"be"``, ``"le"``.
 Race routers select with an EMA threshold in eval mode; :class:`moe_lite.inspect.inference_threshold`
-moves it (the inference-compute slider; :func:`shifted_race_threshold` shifts the learned value) and
+moves it (the inference-compute slider; a function ``lambda t: t + offset`` shifts the learned value) and
 :func:`track_experts` (:func:`moe_lite.inspect.record_routing`) measures the compute actually spent.
 
 The diffusion process (rectified flow), the loss and the sampler are in
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..experts import x_in_y
 from ..losses import check_loss_weights
 from ..layers import FFN, MLPGate, MoE
-from ..inspect import (inference_threshold, inference_thresholds, record_routing, threshold_modules,
+from ..inspect import (inference_thresholds, record_routing, threshold_modules,
                        timestep_buckets, timestep_label)
 from ..routers import GATINGS, PRESETS, Race, RouterSpec
 from .diffusion import (
@@ -65,7 +65,6 @@ __all__ = [
     "router_spec",
     "timestep_buckets",
     "race_thresholds",
-    "shifted_race_threshold",
     "use_ema_threshold",
     "track_experts",
     "count_parameters",
@@ -410,14 +409,6 @@ def race_thresholds(model: nn.Module) -> Dict[str, Optional[float]]:
     """``{router name: its eval threshold}`` of every Race router (a snapshot):
     ``moe_lite.inspect.inference_thresholds(model, kind=Race)``."""
     return inference_thresholds(model, kind=Race)
-
-
-def shifted_race_threshold(model: nn.Module, offset: float) -> inference_threshold:
-    """Within the block every Race eval threshold is ``learned + offset``; restored exactly on exit
-    (:class:`moe_lite.inspect.inference_threshold` with a shift). Yields the learned thresholds.
-    Usage: ``with shifted_race_threshold(model, 0.2): sample(...)``."""
-    offset = float(offset)
-    return inference_threshold(model, lambda learned: learned + offset, kind=Race)
 
 
 def use_ema_threshold(model: nn.Module, enabled: bool = True) -> None:

@@ -7,7 +7,7 @@ of causal self-attention and a dense FFN or a :class:`~moe_lite.layers.MoE` (any
 :data:`moe_lite.routers.ROUTERS` by name, as :class:`~moe_lite.models.vit.ViTConfig` takes them),
 a final norm and a linear head: ``tokens [B, T] -> logits [B, T, V]``, where position ``t``
 predicts token ``t + 1``. MoE layers are named ``"blocks.{i}.mlp"``, as in the ViT, so
-:func:`moe_lite.models.vit.experts_per_token` and :func:`~moe_lite.models.vit.set_threshold`
+:func:`moe_lite.models.vit.experts_per_token` and :class:`moe_lite.inspect.inference_threshold`
 work on it unchanged.
 
 :class:`SequenceTask` trains it with :func:`moe_lite.train.fit` on

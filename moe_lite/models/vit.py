@@ -13,8 +13,9 @@ One model class, :class:`ViT`, built from a :class:`ViTConfig`; a block is MoE o
 * :func:`dense_equivalent`: the dense ViT with the same *active* parameters per token.
 
 Routing analysis lives in :mod:`moe_lite.inspect`; :func:`experts_per_token`, :func:`experts_per_sample`
-(re-exported from there), :func:`patch_experts` and :func:`set_threshold` (the top-p threshold of a
-trained model, moved live) stay here for the notebooks; :func:`count_parameters`.
+(re-exported from there) and :func:`patch_experts` stay here for the notebooks and experiments (a
+trained model's top-p threshold moves with :class:`moe_lite.inspect.inference_threshold`);
+:func:`count_parameters`.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from .. import losses as _losses
 from ..layers import FFN, MoE, SoftMoE, moe_layers
 from .blocks import STEMS, Attention, Block, PatchEmbed
-from ..inspect import experts_per_sample, experts_per_token, inference_threshold, last_routings, top_experts
+from ..inspect import experts_per_sample, experts_per_token, last_routings, top_experts
 from ..routers import ROUTERS, LearnedThreshold, RouterSpec, TopP
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
     "top2_config",
     "experts_per_token",
     "experts_per_sample",
-    "set_threshold",
     "patch_experts",
 ]
 
@@ -573,20 +573,6 @@ def count_parameters(model: nn.Module, k_active: Optional[float] = None) -> Dict
 
 
 # ---- routing analysis: moe_lite.inspect (these names stay for notebooks and experiments) -----------
-def set_threshold(model: nn.Module, p: float) -> int:
-    """Set the threshold ``p`` of every :class:`~moe_lite.routers.TopP` router in ``model``, live:
-    ``moe_lite.inspect.inference_threshold(model, p, kind=TopP)``; returns how many routers changed.
-
-    Takes effect on the next forward (no retraining); ``p`` lives in each router's buffer
-    ``threshold``, so ``state_dict`` and checkpoints carry it.
-
-    Raises:
-        ValueError: when the model has no TopP router, or ``p`` is not a number in (0, 1] (then
-            nothing changes).
-    """
-    return len(inference_threshold(model, p, kind=TopP).previous)
-
-
 def patch_experts(model: nn.Module, layer: Union[str, int], k: int = 1) -> Tensor:
     """``long [B, P, k]``: the ``k`` highest-weight experts of each *patch* in the last forward
     (:func:`moe_lite.inspect.top_experts` of that layer's routing, the ``cls`` token left out).
