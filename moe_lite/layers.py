@@ -39,6 +39,7 @@ __all__ = [
     "update_biases",
     "target_predictions",
     "GATE_INIT_STD",
+    "model_device",
 ]
 
 #: std of the normal init of gating heads (logits ~ N(0, (0.02 * |x|)^2)): small enough that no expert
@@ -380,17 +381,17 @@ def moe_layers(model: nn.Module) -> List[Tuple[str, MoELayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (cpu for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def aux_loss(model: nn.Module) -> Tensor:
     """Sum of every layer's weighted ``aux_loss`` from its last forward (zero tensor if none)."""
     terms = [layer.aux_loss for _, layer in moe_layers(model) if layer.aux_loss is not None]
     if not terms:
-        return torch.zeros((), device=_model_device(model))
+        return torch.zeros((), device=model_device(model))
     total = terms[0]
     for t in terms[1:]:
         total = total + t

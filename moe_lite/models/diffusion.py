@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import target_predictions
+from ..layers import model_device, target_predictions
 from ..losses import per_layer_regression
 
 __all__ = [
@@ -268,11 +268,6 @@ def guided_velocity(model: nn.Module, x: Tensor, t: Tensor, y: Tensor, cfg_scale
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def sample(
     model: nn.Module,
     labels: Tensor,
@@ -314,7 +309,7 @@ def sample(
         raise ValueError(f"labels must be [B], got shape {tuple(labels.shape)}")
     if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes):
         raise ValueError(f"labels must lie in [0, {cfg.num_classes})")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     labels = labels.to(device=device, dtype=torch.long)
     shape = (labels.shape[0], cfg.in_channels, cfg.image_size, cfg.image_size)
     if noise is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["AMP_CHOICES", "pick_device", "to_device"]
 
@@ -48,12 +48,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (cpu for a model without parameters)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import random_shift_flip
+from ..layers import model_device
 from ..models.diffusion import T_DISTRIBUTIONS, eval_mode, interpolate, training_loss, velocity_target
-from .device import _model_device
 
 __all__ = ["Task", "ClassificationTask", "DiffusionTask"]
 
@@ -127,7 +127,7 @@ class DiffusionTask:
     def _unpack(model: nn.Module, batch) -> Tuple[Tensor, Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ValueError("a batch must be (images [B, C, H, W], labels [B])")
-        device = _model_device(model)
+        device = model_device(model)
         return batch[0].to(device), batch[1].to(device=device, dtype=torch.long)
 
     def loss(self, model: nn.Module, batch) -> Tuple[Tensor, Dict[str, Tensor]]:
