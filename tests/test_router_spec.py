@@ -17,7 +17,7 @@ from moe_lite import widgets as W
 from moe_lite.models import dit
 from moe_lite.models.adapters import LoRAExperts, adapt, threshold_routing
 from moe_lite.models.lm import CausalLM, LMConfig
-from moe_lite.models.vit import DEFAULT_ROUTER_KWARGS, ViT, ViTConfig, build_router, dynamic_config, vimoe_config
+from moe_lite.models.vit import ViT, ViTConfig, build_router, dynamic_config, vimoe_config
 from moe_lite.routers import (LAYER_FACTS, PRESETS, ROUTERS, ExpertChoice, FixedThreshold, Hash, Knob, Race, Router,
                               RouterSpec, TopK, make_router)
 from moe_lite.routing import Routing
@@ -64,8 +64,8 @@ def test_defaults_apply_to_a_bare_spec():
         RouterSpec("topk", renormalize=True).build()
     assert RouterSpec("expert_choice", capacity_factor=0.5).build().k == 0.5  # k's alternative
     assert make_router("topk").k == 2 and make_router("topk", k=1).k == 1
-    # ViT's DEFAULT_ROUTER_KWARGS is derived from the declarations (the old table, plus fixed_threshold)
-    assert {n: dict(v) for n, v in DEFAULT_ROUTER_KWARGS.items()} == {
+    # the declared defaults: the old ViT table of router keywords, plus fixed_threshold
+    assert {n: dict(cls.defaults) for n, cls in ROUTERS.items() if cls.defaults} == {
         "topk": {"k": 2}, "expert_choice": {"k": 2}, "race": {"k": 2}, "bias_balanced": {"k": 2},
         "fixed_threshold": {"threshold": 0.5}}
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -64,13 +63,6 @@ DYNAMIC_NOMINAL_K = 2.0
 
 #: kinds of MoE block (``ViTConfig.moe_type``): a routed MoE, or a Soft MoE.
 MOE_TYPES = ("routed", "soft")
-
-
-#: keyword arguments a router name gets when ``ViTConfig.router_kwargs`` is None: each router class's
-#: ``defaults`` (derived from :data:`moe_lite.routers.ROUTERS`; k=2 for the routers that need a k).
-DEFAULT_ROUTER_KWARGS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    name: MappingProxyType(dict(cls.defaults)) for name, cls in ROUTERS.items() if cls.defaults
-})
 
 
 def normalize_router_fields(config: Any, who: str) -> None:
