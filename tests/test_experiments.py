@@ -132,6 +132,12 @@ def test_every_study_record_has_figures_and_mean_std_over_seeds(smoke_records):
     assert race["metrics"]["expert race"]["fd_fmnist_classifier"]["seeds"] == [0, 1]
     grid = json.loads((smoke_records / "vimoe-grid.json").read_text())
     assert set(grid["metrics"]["cells"]) == {"8", "all"}
+    # class specialisation is measured on every seed's model, not the first seed's only
+    spec = grid["metrics"]["specialisation"]
+    assert "dense" not in spec and spec
+    assert all(layer["seeds"] == [0, 1] for entry in spec.values() for layer in entry.values())
+    spec_table = next(rows for title, rows in grid["tables"].items() if title.startswith("class specialisation"))
+    assert all(" ± " in cell for row in spec_table for key, cell in row.items() if key != "variant" and cell != "-")
     dynamic = json.loads((smoke_records / "dynamic.json").read_text())
     assert {"top-p", "top-2", "top-p, no entropy loss"} <= set(dynamic["metrics"])
 

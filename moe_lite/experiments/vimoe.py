@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -313,9 +313,10 @@ def _grid_summarise(records: Dict[str, Dict[int, Dict[str, Any]]], run: Run) -> 
     run.table("seed_spread", "seed spread: shared expert vs none (std of accuracy, in points)",
               _spread_rows(cells, variants))
     last = list(run.state["trains"])[-1]
-    models = {v: per_seed[run.seeds[0]]["cells"][last]["model"] for v, per_seed in records.items()}
-    run.table("specialisation", "class specialisation per MoE layer (0 = class-blind)",
-              _specialisation_rows(models, test, run.ctx))
+    models = {v: {seed: r["cells"][last]["model"] for seed, r in per_seed.items()} for v, per_seed in records.items()}
+    rows, result.metrics["specialisation"] = _specialisation_rows(models, test, run.ctx)
+    run.table("specialisation", f"class specialisation per MoE layer (0 = class-blind; mean ± std over "
+              f"{len(run.seeds)} seeds, {cells[last]['train_images']} training images)", rows)
     result.figures["accuracy by training-set size"] = viz.tradeoff_curve(
         [cells[label]["train_images"] for label in cells for v in variants],
         [cells[label][v]["accuracy"]["mean"] for label in cells for v in variants],
@@ -340,7 +341,7 @@ def run_vimoe_grid(size: Optional[str] = None, *, seeds: Optional[Sequence[int]]
 
     Tables: accuracy mean ± std per variant and size; the seed spread with and without the shared
     expert; class specialisation of every MoE layer (total-variation distance of each class's
-    expert distribution from the average, on the test set; first seed, largest training set).
+    expert distribution from the average, on the test set; every seed's model, largest training set).
     """
     return run(VIMOE_GRID, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data,
                progress=progress, variants=variants, train_sizes=train_sizes)
@@ -363,15 +364,21 @@ def _spread_rows(cells: Dict[str, Dict], variants: Sequence[str]):
     return rows
 
 
-def _specialisation_rows(models: Dict[str, Any], test, ctx: RunContext):
-    rows = []
-    for variant, model in models.items():
+def _specialisation_rows(models: Dict[str, Dict[int, Any]], test, ctx: RunContext):
+    """Class specialisation of every MoE layer of every variant, each seed's model measured on ``test``.
+    ``models``: ``{variant: {seed: model}}``. Returns ``(table rows, {variant: {layer: mean_std}})``."""
+    per_variant: Dict[str, Dict[str, Any]] = {}
+    for variant, per_seed in models.items():
         if variant == "dense":
             continue
-        per_layer = routing_by_class(model, test, ctx.device)
-        rows.append({"variant": variant, **{layer: round(class_specialisation(v["fraction"]), 3)
-                                            for layer, v in per_layer.items()}})
+        values: Dict[str, List[float]] = {}
+        for model in per_seed.values():
+            for layer, v in routing_by_class(model, test, ctx.device).items():
+                values.setdefault(layer, []).append(class_specialisation(v["fraction"]))
+        per_variant[variant] = {layer: mean_std(v, seeds=list(per_seed)) for layer, v in values.items()}
     # one column per MoE layer of any variant, in block order; "-" where a variant has a dense block
-    layers = sorted({k for row in rows for k in row if k != "variant"},
+    layers = sorted({layer for entry in per_variant.values() for layer in entry},
                     key=lambda name: [int(t) if t.isdigit() else t for t in name.split(".")])
-    return [{"variant": row["variant"], **{layer: row.get(layer, "-") for layer in layers}} for row in rows]
+    rows = [{"variant": variant, **{layer: format_mean_std(entry[layer], 3) if layer in entry else "-"
+                                    for layer in layers}} for variant, entry in per_variant.items()]
+    return rows, per_variant
