@@ -384,3 +384,23 @@ def test_upcycled_variant_at_equal_total_steps(tmp_path):
     assert up["steps"] == scratch["steps"] > 1
     assert up["params_total"] == scratch["params_total"]
     assert result.models["vimoe-upcycled"].config == result.models["vimoe-upcycled-scratch"].config
+
+
+def test_svg_figures_render_with_the_bundled_plotlyjs_and_restore_plotlys_setting(tmp_path, monkeypatch):
+    """kaleido fetches plotly.js from a CDN unless told otherwise, so offline SVG export failed
+    ("kaleido_scopes is not defined"). write_figures points it at plotly's own copy while it writes,
+    and leaves plotly's setting as it found it."""
+    import plotly.io as pio
+    from plotly.basedatatypes import BaseFigure
+    from moe_lite.experiments import registry
+
+    if not hasattr(getattr(pio, "defaults", None), "plotlyjs"):
+        pytest.skip("this plotly has no plotlyjs setting")
+    seen = []
+    monkeypatch.setattr(BaseFigure, "write_image", lambda self, path, *a, **k: seen.append(pio.defaults.plotlyjs))
+    record = json.loads((Path(__file__).resolve().parents[1] / "docs/results/quick/vimoe-grid.json").read_text())
+    before = pio.defaults.plotlyjs
+    paths = registry.write_figures(record, tmp_path)
+    assert paths and len(seen) == len(paths)
+    assert all(value and value.endswith("plotly.min.js") and Path(value).is_file() for value in seen)
+    assert pio.defaults.plotlyjs == before

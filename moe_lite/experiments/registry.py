@@ -6,8 +6,9 @@ and add it to :data:`EXPERIMENTS` below (or :func:`register` it at run time).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from .adapt import ADAPT
 from .core import ExperimentResult, Pairing, RunContext, UsageError, check_output_folder, resolve_size
@@ -55,14 +56,35 @@ def write_figures(record: Dict[str, Any], folder: str | Path, fmt: str = "svg") 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, fig in record_figures(record).items():
-        path = folder / f"{record['name']}-{name}.{fmt}"
-        if fmt == "html":
-            fig.write_html(path, include_plotlyjs="cdn")
-        else:
-            fig.write_image(path)
-        paths[name] = path
+    with _local_plotlyjs():
+        for name, fig in record_figures(record).items():
+            path = folder / f"{record['name']}-{name}.{fmt}"
+            if fmt == "html":
+                fig.write_html(path, include_plotlyjs="cdn")
+            else:
+                fig.write_image(path)
+            paths[name] = path
     return paths
+
+
+@contextlib.contextmanager
+def _local_plotlyjs() -> Iterator[None]:
+    """While open, kaleido (1.x) renders with the plotly.js that ships inside the plotly package.
+    Without it kaleido fetches plotly.js from a CDN and, offline, fails with "kaleido_scopes is not
+    defined". plotly's setting is restored on exit; a value the user set is left alone."""
+    import plotly
+    import plotly.io as pio
+
+    defaults = getattr(pio, "defaults", None)
+    bundled = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    if defaults is None or not hasattr(defaults, "plotlyjs") or defaults.plotlyjs or not bundled.is_file():
+        yield
+        return
+    defaults.plotlyjs = str(bundled)
+    try:
+        yield
+    finally:
+        defaults.plotlyjs = None
 
 
 #: seeds are 0 <= seed <= MAX_SEED: what every RNG they reach accepts (torch, NumPy's legacy
