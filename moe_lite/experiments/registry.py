@@ -10,6 +10,9 @@ import contextlib
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+import plotly
+import plotly.io as pio
+
 from .adapt import ADAPT
 from .core import ExperimentResult, Pairing, RunContext, UsageError, check_output_folder, resolve_size
 from .diffusion import DIT, RACE
@@ -72,19 +75,16 @@ def _local_plotlyjs() -> Iterator[None]:
     """While open, kaleido (1.x) renders with the plotly.js that ships inside the plotly package.
     Without it kaleido fetches plotly.js from a CDN and, offline, fails with "kaleido_scopes is not
     defined". plotly's setting is restored on exit; a value the user set is left alone."""
-    import plotly
-    import plotly.io as pio
-
     defaults = getattr(pio, "defaults", None)
     bundled = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
     if defaults is None or not hasattr(defaults, "plotlyjs") or defaults.plotlyjs or not bundled.is_file():
         yield
         return
-    defaults.plotlyjs = str(bundled)
+    previous, defaults.plotlyjs = defaults.plotlyjs, str(bundled)
     try:
         yield
     finally:
-        defaults.plotlyjs = None
+        defaults.plotlyjs = previous
 
 
 #: seeds are 0 <= seed <= MAX_SEED: what every RNG they reach accepts (torch, NumPy's legacy
