@@ -1,7 +1,10 @@
 """Shipped trained models (``moe_lite/checkpoints``): found by the user cache's key after it misses,
 loaded without training, never used when their stored key or training configuration does not match
 (one printed line says so), and bypassed with ``shipped=False`` / ``reuse=False``."""
+import dataclasses
 import fnmatch
+import importlib
+import json
 import re
 from pathlib import Path
 
@@ -12,7 +15,10 @@ import moe_lite.experiments.core as core
 from moe_lite.data import SOURCE_DEBIAN, SOURCE_DOWNLOAD, SOURCE_EMBEDDED, SOURCE_LOCAL, make_loader
 from moe_lite.experiments.common import StepStats, cached_fit, shipped_key
 from moe_lite.experiments.core import Dataset, RunContext
-from moe_lite.experiments.ship import slim
+from moe_lite.experiments.registry import EXPERIMENTS
+from moe_lite.experiments.runner import run as run_experiment
+from moe_lite.experiments.ship import NOTEBOOK_RUNS, SMALL_TENSOR, slim
+from moe_lite.settings import Settings
 from moe_lite.train import ClassificationTask, TrainConfig, atomic_save, read_checkpoint
 
 from tiny_race_model import Tiny
@@ -80,12 +86,12 @@ def trained(tmp_path):
     return ctx, path, model, stats
 
 
-def ship_one(trained, shipped_dir, dtype=torch.float32, key=None):
+def ship_one(trained, shipped_dir, dtype=torch.float32, key=None, small=SMALL_TENSOR):
     """Write ``trained``'s checkpoint into ``shipped_dir`` as ``moe_lite.experiments.ship`` does."""
     ctx, path, _, _ = trained
     key = key or shipped_key(path, ctx)
     target = shipped_dir / shipped_key(path, ctx)
-    atomic_save(slim(read_checkpoint(path), key, dtype), target)
+    atomic_save(slim(read_checkpoint(path), key, dtype, small), target)
     return target
 
 
@@ -112,10 +118,13 @@ def test_slimming_drops_the_training_state_and_fp16_keeps_the_outputs(trained, s
     full = read_checkpoint(path)
     fp32 = read_checkpoint(ship_one(trained, shipped_dir))
     assert full["optimizer"] is not None and fp32["optimizer"] is None and fp32["rng"] is None
+    assert "loader_rng" in full["extra"] and not {"loader_rng", "epoch_start_rng"} & set(fp32["extra"])
     assert fp32["config"]["checkpoint"] is None  # no path of the machine that trained it
-    target = ship_one(trained, shipped_dir, dtype=torch.float16)
+    # the tiny model's tensors are all small: cast them all (the one-value EMA threshold too) to see
+    # that fp16 weights keep the outputs
+    target = ship_one(trained, shipped_dir, dtype=torch.float16, small=2)
     fp16 = read_checkpoint(target)
-    assert all(v.dtype == torch.float16 for v in fp16["model"].values() if v.is_floating_point())
+    assert all(v.dtype == torch.float16 for v in fp16["model"].values() if v.is_floating_point() and v.numel() >= 2)
     assert target.stat().st_size < path.stat().st_size / 2
 
     model = Tiny(seed=1)
@@ -127,9 +136,24 @@ def test_slimming_drops_the_training_state_and_fp16_keeps_the_outputs(trained, s
 
 
 def test_slimming_keeps_a_tensor_fp16_cannot_hold():
-    payload = {"model": {"w": torch.tensor([1.0, 1e6]), "n": torch.tensor([3])}, "extra": {}, "config": {}}
+    big = torch.ones(4096)
+    big[7] = 1e6  # beyond fp16's 65504
+    payload = {"model": {"w": big, "n": torch.tensor([3])}, "extra": {}, "config": {}}
     out = slim(payload, "k")
     assert out["model"]["w"].dtype == torch.float32 and out["model"]["n"].dtype == torch.int64
+
+
+def test_slimming_keeps_thresholds_and_routing_biases_exact():
+    """A top-p LoRA expert's inference threshold of 0.2 came back as 0.199951171875 from fp16, which is
+    no longer the trained setting (notebook 07's explorer refused it). Small tensors (settings the
+    routers compare against: thresholds, bias-balancing biases, EMA states) stay as they were."""
+    weights = torch.randn(64, 64)
+    payload = {"model": {"threshold": torch.tensor(0.2, dtype=torch.float64), "bias": torch.tensor([0.1] * 8),
+                         "weight": weights}, "extra": {}, "config": {}}
+    out = slim(payload, "k")["model"]
+    assert out["threshold"].item() == 0.2 and out["threshold"].dtype == torch.float64
+    assert torch.equal(out["bias"], torch.tensor([0.1] * 8))
+    assert out["weight"].dtype == torch.float16 and torch.equal(out["weight"], weights.half())
 
 
 @pytest.mark.parametrize("damage", ["another key", "corrupted", "not shipped", "other config"])
@@ -214,3 +238,98 @@ def test_the_package_ships_what_the_tool_writes():
         payload = read_checkpoint(path)
         assert payload["extra"]["shipped"]["key"] == path.relative_to(core.SHIPPED_DIR).as_posix(), path
         assert payload["optimizer"] is None and re.fullmatch(r".+-[0-9a-f]{16}\.pt", path.name)
+
+
+# ------------------------------------------------------------------------------------------------
+# what ships: every model the notebooks show, and nothing else
+
+SHIPPED_LINE = re.compile(r"\[(?P<name>[^\]\n]+)\] loaded the shipped quick-size model \(\d+ steps\) from "
+                          r"(?P<path>moe_lite/checkpoints/quick/\S+?\.pt)")
+
+
+def stored_text(notebook: Path) -> str:
+    """Every text a notebook's stored outputs print (streams and plain-text results)."""
+    texts = []
+    for cell in json.loads(notebook.read_text())["cells"]:
+        for out in cell.get("outputs", []):
+            texts.append("".join(out.get("text", "")))
+            texts.append("".join(out.get("data", {}).get("text/plain", "")))
+    return "\n".join(texts)
+
+
+def test_the_notebooks_stored_outputs_show_the_shipped_models_and_every_shipped_file_is_shown():
+    """The stored outputs are what a learner sees on opening: every trained model in them is a shipped
+    one (none from the executing machine's cache, none trained), the notebooks that run experiments are
+    exactly those of NOTEBOOK_RUNS, and the shipped folder holds exactly the files they name."""
+    shown = set()
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        text = stored_text(notebook)
+        assert "loaded the finished run" not in text and "resuming the interrupted run" not in text, notebook.name
+        paths = {m["path"] for m in SHIPPED_LINE.finditer(text)}
+        assert bool(paths) == (notebook.stem in NOTEBOOK_RUNS), notebook.name
+        experiments = {Path(p).parts[3] for p in paths}
+        assert experiments == {name for name, _ in NOTEBOOK_RUNS.get(notebook.stem, [])}, notebook.name
+        shown |= paths
+    files = {p.relative_to(ROOT).as_posix() for p in core.SHIPPED_DIR.rglob("*.pt")}
+    assert files == shown
+
+
+def test_shipped_models_are_fp16_slimmed_and_a_few_mb(capsys):
+    total = 0
+    for path in core.SHIPPED_DIR.rglob("*.pt"):
+        payload = read_checkpoint(path)
+        assert payload["completed"] is True and payload["extra"]["shipped"]["dtype"] == "float16", path
+        assert all(v.dtype != torch.float32 for v in payload["model"].values() if v.numel() >= SMALL_TENSOR), path
+        assert not {"optimizer", "scheduler", "scaler", "rng"} & {k for k, v in payload.items() if v is not None}
+        assert payload["config"]["checkpoint"] is None  # no path of the machine that trained it
+        total += path.stat().st_size
+    assert total < 40e6, f"{total / 1e6:.1f} MB shipped"  # a clone for Binder or Colab downloads them
+
+
+def no_training(*args, **kwargs):
+    raise AssertionError("a run of a notebook trained a model: its shipped checkpoint is missing or stale "
+                         "(python -m moe_lite.experiments.ship --notebooks)")
+
+
+@pytest.mark.parametrize("notebook", sorted(NOTEBOOK_RUNS))
+def test_each_notebooks_runs_load_the_shipped_models_without_training(notebook, tmp_path, monkeypatch, capsys):
+    """A learner's first quick-size run on a CPU: an empty cache, the embedded subset. The current
+    code must find a shipped model under every key it computes (a changed config changes the key)."""
+    monkeypatch.setattr("moe_lite.experiments.common.fit", no_training)
+    settings = Settings.resolve(size="quick", device="cpu", environ={"MOE_LITE_CACHE": str(tmp_path),
+                                                                    "MOE_LITE_OFFLINE": "1"})
+    ctx = RunContext.create(settings=settings, progress=False)
+    for name, variants in NOTEBOOK_RUNS[notebook]:
+        run_experiment(EXPERIMENTS[name], ctx, variants=variants)
+    out = capsys.readouterr().out
+    assert ctx.checkpoints_used and len(ctx.checkpoints_loaded) == len(ctx.checkpoints_used)
+    assert all(core.SHIPPED_DIR in p.parents for p in ctx.checkpoints_loaded)
+    assert len(SHIPPED_LINE.findall(out)) == len(ctx.checkpoints_used), out
+    assert not list((tmp_path / "runs").rglob("*.pt")), "nothing was written to the learner's cache"
+
+
+def test_run_takes_shipped_false_and_leaves_the_callers_context_as_it_was(trained, shipped_dir, tmp_path,
+                                                                         monkeypatch):
+    """``run_vimoe(..., shipped=False)`` is the one argument that retrains a shipped model."""
+    seen = []
+    experiment = EXPERIMENTS["zoo"]
+    fake = dataclasses.replace(experiment, train=lambda name, variant, seed, run: seen.append(run.ctx.shipped) or {},
+                               summarise=lambda records, run: None, prepare=None, pairing=None,
+                               data_source="none")
+    ctx = context(tmp_path / "user")
+    run_experiment(fake, ctx, variants=["top-2"], shipped=False)
+    run_experiment(fake, ctx, variants=["top-2"])
+    assert seen == [False, True] and ctx.shipped is True
+
+
+@pytest.mark.parametrize("module, function", [("adapt", "run_adapt"), ("diffusion", "run_dit"), ("diffusion", "run_race"),
+                                              ("dynamic", "run_dynamic"), ("sequence", "run_sequence"),
+                                              ("vimoe", "run_vimoe"), ("vimoe", "run_vimoe_grid"), ("zoo", "run_zoo"),
+                                              ("zoo", "run_balance")])
+def test_every_run_function_passes_shipped_on(module, function, monkeypatch):
+    mod = importlib.import_module(f"moe_lite.experiments.{module}")
+    calls = []
+    monkeypatch.setattr(mod, "run", lambda *args, **kwargs: calls.append(kwargs))
+    getattr(mod, function)("smoke")
+    getattr(mod, function)("smoke", shipped=False)
+    assert [c["shipped"] for c in calls] == [True, False]

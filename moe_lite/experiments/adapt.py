@@ -125,9 +125,9 @@ ADAPT = Experiment(
 def run_adapt(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
               data: str = "auto", progress: bool = True, variants: Optional[Sequence[str]] = None,
               rank: int = 4, num_experts: int = 4, ctx: Optional[RunContext] = None,
-              settings: Any = None) -> ExperimentResult:
+              settings: Any = None, shipped: bool = True) -> ExperimentResult:
     """Pretrain a dense ViT on classes 0-4, freeze it, adapt it to classes 5-9 with each method
     (``variants``: keys of :data:`METHODS`, default all); report accuracy, trainable parameters and
     adapter FLOPs per token."""
     return run(ADAPT, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data, progress=progress,
-               variants=variants, rank=rank, num_experts=num_experts)
+               variants=variants, rank=rank, num_experts=num_experts, shipped=shipped)

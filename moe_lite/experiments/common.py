@@ -197,7 +197,7 @@ def _load_finished(path: Path, payload: Dict[str, Any], name: str, model: nn.Mod
     model.to(ctx.device).eval()
     if shipped:
         print(f"[{name}] loaded the shipped {ctx.size}-size model ({payload['step']} steps) from {_shown(path)} "
-              f"(to retrain: pass ctx=RunContext.create(..., shipped=False), or reuse=False)")
+              f"(to train it yourself: pass shipped=False to the run_* function)")
     else:
         print(f"[{name}] loaded the finished run ({payload['step']} steps) from {path} "
               f"(delete it, or pass reuse=False, to retrain)")

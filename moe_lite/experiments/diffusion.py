@@ -373,7 +373,7 @@ RACE = dataclasses.replace(
 
 def run_dit(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
             data: str = "auto", progress: bool = True, variants: Sequence[str] = DEFAULT_VARIANTS,
-            ctx: Optional[RunContext] = None, name: str = "dit", settings: Any = None) -> ExperimentResult:
+            ctx: Optional[RunContext] = None, name: str = "dit", settings: Any = None, shipped: bool = True) -> ExperimentResult:
     """Train a class-conditional DiT per variant and seed (default: dense, token choice, expert
     choice, expert race at equal active compute), sample every class, and report the kit's
     classifier-feature Fréchet distance, conditional accuracy, experts per diffusion timestep and
@@ -382,16 +382,16 @@ def run_dit(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None
     added too. ``name``: the experiment the result is saved under (``"dit"`` or ``"race"``)."""
     experiment = {"dit": DIT, "race": RACE}[name]
     return run(experiment, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data,
-               progress=progress, variants=variants)
+               progress=progress, variants=variants, shipped=shipped)
 
 
 def run_race(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
              data: str = "auto", progress: bool = True, variants: Sequence[str] = RACE_STUDY,
-             ctx: Optional[RunContext] = None, settings: Any = None) -> ExperimentResult:
+             ctx: Optional[RunContext] = None, settings: Any = None, shipped: bool = True) -> ExperimentResult:
     """The Expert Race study: every variant of :data:`VARIANTS` (the paper's Tables 1, 2, 3 and 6 at
     small scale), saved as ``race``. Run it with 3 seeds: the differences are small."""
     return run(RACE, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data, progress=progress,
-               variants=variants)
+               variants=variants, shipped=shipped)
 
 
 def _row(variant: str, entry: Dict[str, Any]) -> Dict[str, Any]:

@@ -143,7 +143,7 @@ DYNAMIC = Experiment(
 def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
                 data: str = "auto", progress: bool = True, p: float = 0.4, entropy_weight: float = 1e-4,
                 entropy_ablation: bool = True, variants: Optional[Sequence[str]] = None,
-                ctx: Optional[RunContext] = None, settings: Any = None) -> ExperimentResult:
+                ctx: Optional[RunContext] = None, settings: Any = None, shipped: bool = True) -> ExperimentResult:
     """Train a top-p ViMoE (entropy ``entropy_weight`` + load balance 1e-2), a top-1 and a top-2 ViMoE
     with the same parameters (and, with ``entropy_ablation``, top-p without the entropy loss), for
     every seed; report accuracy, mean experts per token (overall, per layer, per class), whether hard
@@ -154,7 +154,7 @@ def run_dynamic(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = 
     if variants is None:
         variants = [v for v in VARIANTS if entropy_ablation or v != ABLATION]
     return run(DYNAMIC, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data, progress=progress,
-               variants=variants, p=p, entropy_weight=entropy_weight)
+               variants=variants, p=p, entropy_weight=entropy_weight, shipped=shipped)
 
 
 def _difficulty(profile: Dict[str, torch.Tensor], test: Dataset) -> Dict[str, float]:

@@ -119,18 +119,25 @@ def _context(ctx_or_settings: Any, settings: Any, size: Optional[str], seeds: Op
 
 def run(experiment: Experiment, ctx_or_settings: Any = None, *, settings: Any = None, size: Optional[str] = None,
         seeds: Optional[Sequence[int]] = None, device: str = "auto", data: str = "auto", progress: bool = True,
-        variants: Optional[Sequence[str]] = None, ctx: Optional[RunContext] = None, **options: Any) -> ExperimentResult:
+        variants: Optional[Sequence[str]] = None, ctx: Optional[RunContext] = None, shipped: bool = True,
+        **options: Any) -> ExperimentResult:
     """Run ``experiment``: its chosen ``variants`` (default: its defaults) for every seed.
 
     The context is ``ctx`` (or a :class:`RunContext` given first), else one made from ``settings``
     (a :class:`moe_lite.settings.Settings`), else from ``size``, ``seeds``, ``device``, ``data``.
-    ``options``: the experiment's own keywords (:attr:`Experiment.options`).
+    ``shipped=False``: train the models that ship with moe_lite instead of loading them (a copy of
+    the context with ``shipped`` off; the user's own cache is still read). ``options``: the
+    experiment's own keywords (:attr:`Experiment.options`).
     """
     unknown = [k for k in options if k not in experiment.options]
     if unknown:
         raise TypeError(f"{experiment.name} takes no option(s) {unknown}; its options: {list(experiment.options)}")
     chosen = experiment.select(variants)
     ctx = ctx or _context(ctx_or_settings, settings, size, seeds, device, data, progress)
+    if not shipped and ctx.shipped:
+        # a copy: the caller's context keeps loading shipped models; the lists of checkpoints used and
+        # loaded are the same objects, so its records still see this run
+        ctx = dataclasses.replace(ctx, shipped=False)
     if experiment.context is not None and not isinstance(ctx, experiment.context):
         # the same context with the experiment's own checkpoint keys; it shares checkpoints_used
         ctx = experiment.context(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(RunContext)})

@@ -300,14 +300,14 @@ SEQUENCE = Experiment(
 
 def run_sequence(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
                  data: str = "auto", progress: bool = True, variants: Sequence[str] = DEFAULT_VARIANTS,
-                 ctx: Optional[RunContext] = None, settings: Any = None) -> ExperimentResult:
+                 ctx: Optional[RunContext] = None, settings: Any = None, shipped: bool = True) -> ExperimentResult:
     """Train each routing variant (``variants``, from :data:`VARIANTS`) on the sequence set for every
     seed and measure where the experts go (see the module docstring). Numbers in the tables are
     mean ± std over seeds; figures and the threshold sweep use the first seed. ``data`` is accepted
     for the common experiment signature and unused (the sequences are generated, never loaded).
     """
     return run(SEQUENCE, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data,
-               progress=progress, variants=variants)
+               progress=progress, variants=variants, shipped=shipped)
 
 
 def _fit(name: str, model: nn.Module, train: Sequences, test: Sequences, spec: SequenceSize, seed: int,

@@ -1,5 +1,5 @@
-"""Ship trained models with moe_lite: ``python -m moe_lite.experiments.ship --size quick --seeds 0
---experiments vimoe dynamic ...``.
+"""Ship trained models with moe_lite: ``python -m moe_lite.experiments.ship --notebooks`` (every
+model the notebooks show: :data:`NOTEBOOK_RUNS`, quick size, seed 0), or ``--experiments vimoe ...``.
 
 Runs the named experiments on the CPU at that size and those seeds, exactly as a notebook or
 ``python -m moe_lite run`` would (a run already in the user cache is loaded from it, not retrained),
@@ -25,16 +25,38 @@ from torch import Tensor
 from ..train import atomic_save, read_checkpoint
 from .common import shipped_key
 from .core import SHIPPED_DIR, SIZES, RunContext, UsageError
-from .registry import EXPERIMENTS, check_variants
+from .registry import EXPERIMENTS
 from .runner import run
 
 
-def slim(payload: Dict[str, Any], key: str, dtype: torch.dtype = torch.float16) -> Dict[str, Any]:
+#: what each notebook runs, as ``(experiment, variants)`` (None: the experiment's defaults), at the
+#: size and seed its stored outputs show (quick, seed 0): ``--notebooks`` ships exactly these models.
+#: ``tests/test_shipped.py`` checks it against the notebooks' stored outputs and the shipped folder.
+NOTEBOOK_RUNS: Dict[str, List[Tuple[str, Optional[List[str]]]]] = {
+    "03_keeping_experts_busy": [("balance", None), ("zoo", ["top-2", "soft MoE (1 slot/expert)"])],
+    "04_vimoe": [("vimoe", ["dense", "vimoe", "vimoe-no-shared"]),
+                 ("vimoe", ["dense", "vimoe-upcycled", "vimoe-upcycled-scratch"])],
+    "05_dynamic_routing": [("dynamic", None)],
+    "06_dit_moe_expert_race": [("dit", None)],
+    "07_sparse_adaptation": [("adapt", None)],
+    "09_sequence_routing": [("sequence", None)],
+}
+
+
+#: floating-point tensors of fewer values than this stay exact when slimmed: they are the settings the
+#: routers compare against (inference thresholds, EMA thresholds, bias-balancing biases) more than
+#: weights, fp16 would move them (a threshold of 0.2 becomes 0.19995), and they cost next to nothing
+SMALL_TENSOR = 1024
+
+
+def slim(payload: Dict[str, Any], key: str, dtype: torch.dtype = torch.float16,
+         small: int = SMALL_TENSOR) -> Dict[str, Any]:
     """A shipped copy of checkpoint ``payload`` for cache key ``key``: floating-point model weights in
-    ``dtype`` (a tensor that would overflow it stays as it was), buffers, history, config (without its
-    checkpoint path) and callback states; no optimizer, scheduler, scaler or RNG state."""
+    ``dtype`` (a tensor of fewer than ``small`` values, or one that would overflow it, stays as it was), buffers, history, config (without its checkpoint path) and callback states; no
+    optimizer, scheduler, scaler or RNG state (the training RNGs' nor the data loaders')."""
     def cast(value: Any) -> Any:
-        if not isinstance(value, Tensor) or not value.is_floating_point() or value.dtype == dtype:
+        if (not isinstance(value, Tensor) or not value.is_floating_point() or value.dtype == dtype
+                or value.numel() < small):
             return value
         low = value.to(dtype)
         return low if torch.isfinite(low).eq(torch.isfinite(value)).all() else value
@@ -43,7 +65,9 @@ def slim(payload: Dict[str, Any], key: str, dtype: torch.dtype = torch.float16) 
             "model": {name: cast(value) for name, value in payload["model"].items()},
             "optimizer": None, "scheduler": None, "scaler": None, "rng": None,
             "config": {**(payload.get("config") or {}), "checkpoint": None},
-            "extra": {**payload["extra"], "shipped": {"key": key, "dtype": str(dtype).removeprefix("torch.")}}}
+            # the data loaders' RNG states, like the optimizer's, only resume a run
+            "extra": {**{k: v for k, v in payload["extra"].items() if k not in ("loader_rng", "epoch_start_rng")},
+                      "shipped": {"key": key, "dtype": str(dtype).removeprefix("torch.")}}}
 
 
 def ship(experiments: Sequence[str], size: str = "quick", seeds: Sequence[int] = (0,),
@@ -52,15 +76,26 @@ def ship(experiments: Sequence[str], size: str = "quick", seeds: Sequence[int] =
     """Run ``experiments`` (CPU, ``size``, ``seeds``; ``variants`` as ``python -m moe_lite run --variants``)
     with the user ``cache`` and write the slimmed copy of every checkpoint they used under ``dest``.
     Returns ``[(file written, bytes)]``."""
-    unknown = [name for name in experiments if name not in EXPERIMENTS]
+    return ship_runs([(name, variants) for name in experiments], size, seeds, cache, dest, dtype, data)
+
+
+def ship_runs(runs: Sequence[Tuple[str, Optional[Sequence[str]]]], size: str = "quick", seeds: Sequence[int] = (0,),
+              cache: Any = "default", dest: Path = SHIPPED_DIR, dtype: torch.dtype = torch.float16,
+              data: str = "auto") -> List[Tuple[Path, int]]:
+    """:func:`ship` for ``runs``, each ``(experiment, variants or None)``; a checkpoint two runs share
+    (notebook 04's dense ViT) is written once."""
+    unknown = [name for name, _ in runs if name not in EXPERIMENTS]
     if unknown:
         raise UsageError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
-    check_variants(experiments, variants)
+    for name, variants in runs:
+        if variants is not None:
+            EXPERIMENTS[name].select(variants)  # a clear error before anything trains
     ctx = RunContext.create(size, seeds, device="cpu", data=data, progress=False, cache=cache, shipped=False)
     if ctx.cache_dir is None:
         raise UsageError("ship copies from the user cache: cache=None has none")
-    for name in experiments:
-        print(f"== {name} ({size}, seeds {list(seeds)}) ==", flush=True)
+    for name, variants in runs:
+        chosen = "" if variants is None else f", {list(variants)}"
+        print(f"== {name} ({size}, seeds {list(seeds)}{chosen}) ==", flush=True)
         run(EXPERIMENTS[name], ctx, variants=variants)
     written = []
     for path in dict.fromkeys(ctx.checkpoints_used):  # in order, once each
@@ -83,7 +118,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moe_lite.experiments.ship", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="quick", choices=SIZES)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--experiments", nargs="+", required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--notebooks", action="store_true",
+                       help="every model the notebooks show (NOTEBOOK_RUNS; use with --size quick --seeds 0)")
+    which.add_argument("--experiments", nargs="+")
     parser.add_argument("--variants", nargs="+", default=None, help="only these variants (as `moe_lite run`)")
     parser.add_argument("--cache", default="default", help="the user cache folder (default: $MOE_LITE_CACHE/runs "
                                                          "or ~/.cache/moe_lite/runs)")
@@ -92,8 +130,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--fp32", action="store_true", help="keep the weights in fp32 (default: fp16)")
     args = parser.parse_args(argv)
     try:
-        ship(args.experiments, args.size, args.seeds, args.variants, args.cache, args.dest,
-             torch.float32 if args.fp32 else torch.float16, args.data)
+        dtype = torch.float32 if args.fp32 else torch.float16
+        if args.notebooks:
+            if args.variants is not None:
+                raise UsageError("--variants goes with --experiments; --notebooks ships each notebook's own")
+            ship_runs([run for runs in NOTEBOOK_RUNS.values() for run in runs], args.size, args.seeds,
+                      args.cache, args.dest, dtype, args.data)
+        else:
+            ship(args.experiments, args.size, args.seeds, args.variants, args.cache, args.dest, dtype, args.data)
     except UsageError as err:
         parser.error(str(err))
 

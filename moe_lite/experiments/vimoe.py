@@ -153,7 +153,7 @@ VIMOE = Experiment(
 def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
               data: str = "auto", progress: bool = True, variants: Sequence[str] = DEFAULT_VARIANTS,
               n_per_class: Optional[int] = None, ctx: Optional[RunContext] = None,
-              routing_views: bool = True, references: bool = True, settings: Any = None) -> ExperimentResult:
+              routing_views: bool = True, references: bool = True, settings: Any = None, shipped: bool = True) -> ExperimentResult:
     """Train each variant (default: the dense ViT and ViMoE with a shared expert, last-2 placement)
     for every seed; report accuracy (mean and spread over seeds), parameters, routing statistics,
     class x expert maps per MoE layer and test images with each patch coloured by its expert.
@@ -163,7 +163,8 @@ def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = No
     trained by the same trainer on the same data, so a reader sees where the ViTs stand.
     """
     return run(VIMOE, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data, progress=progress,
-               variants=variants, n_per_class=n_per_class, routing_views=routing_views, references=references)
+               variants=variants, n_per_class=n_per_class, routing_views=routing_views, references=references,
+               shipped=shipped)
 
 
 def _train_upcycled(ctx: RunContext, spec: ClassifySize, seed: int, base: ViTConfig, train, test):
@@ -335,7 +336,7 @@ VIMOE_GRID = Experiment(
 def run_vimoe_grid(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
                    data: str = "auto", progress: bool = True, variants: Sequence[str] = GRID_VARIANTS,
                    train_sizes: Optional[Sequence[Optional[int]]] = None,
-                   ctx: Optional[RunContext] = None, settings: Any = None) -> ExperimentResult:
+                   ctx: Optional[RunContext] = None, settings: Any = None, shipped: bool = True) -> ExperimentResult:
     """ViMoE's design questions at small scale: placement (all / every-2 / last-2) x shared expert,
     at several training-set sizes (default :data:`GRID_TRAIN_SIZES`), every cell over all seeds.
 
@@ -344,7 +345,7 @@ def run_vimoe_grid(size: Optional[str] = None, *, seeds: Optional[Sequence[int]]
     expert distribution from the average, on the test set; every seed's model, largest training set).
     """
     return run(VIMOE_GRID, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data,
-               progress=progress, variants=variants, train_sizes=train_sizes)
+               progress=progress, variants=variants, train_sizes=train_sizes, shipped=shipped)
 
 
 def _spread_rows(cells: Dict[str, Dict], variants: Sequence[str]):

@@ -157,18 +157,18 @@ BALANCE_EXPERIMENT = Experiment(
 
 def run_zoo(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
             data: str = "auto", progress: bool = True, variants: Optional[Sequence[str]] = None,
-            ctx: Optional[RunContext] = None, settings: Any = None) -> ExperimentResult:
+            ctx: Optional[RunContext] = None, settings: Any = None, shipped: bool = True) -> ExperimentResult:
     """Every router of the kit on the same ViMoE backbone: accuracy, balance and compute (and Soft MoE
     blocks in place of the routed ones, a row without routing statistics). ``variants``: router names
     (keys of :data:`ZOO`)."""
     return run(ZOO_EXPERIMENT, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data,
-               progress=progress, variants=variants)
+               progress=progress, variants=variants, shipped=shipped)
 
 
 def run_balance(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
                 data: str = "auto", progress: bool = True, variants: Optional[Sequence[str]] = None,
-                ctx: Optional[RunContext] = None, settings: Any = None) -> ExperimentResult:
+                ctx: Optional[RunContext] = None, settings: Any = None, shipped: bool = True) -> ExperimentResult:
     """Keeping experts busy: top-2 routing with no balancing, each balance loss, and bias balancing;
     load CV, MaxVio and combination usage during training. ``variants``: keys of :data:`BALANCE`."""
     return run(BALANCE_EXPERIMENT, ctx, settings=settings, size=size, seeds=seeds, device=device, data=data,
-               progress=progress, variants=variants)
+               progress=progress, variants=variants, shipped=shipped)
