@@ -1,5 +1,5 @@
-"""Regenerate the pictures the README shows, from the quick-size models of seed 0 (trained, or loaded
-from the checkpoint cache when the notebooks or `python -m moe_lite run` trained them already):
+"""Regenerate the pictures the README shows, from the quick-size models of seed 0 (the shipped ones,
+or the user's cache when it has them; trained only when neither does):
 
     python scripts/readme_figures.py          # writes docs/images/*.png (needs kaleido and a Chrome)
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from moe_lite import viz
 from moe_lite.experiments.core import RunContext
 from moe_lite.experiments.diffusion import run_dit
 from moe_lite.experiments.dynamic import run_dynamic
@@ -45,8 +46,12 @@ def main() -> None:
     last = [name for name in vimoe.figures if name.startswith("class x expert: ")][-1]
     vimoe.figures[last].write_image(out / "class-expert-map.png", width=900, height=520, scale=1)
     dynamic = run_dynamic(ctx=ctx)
-    dynamic.figures["accuracy vs experts per token"].write_image(out / "top-p-tradeoff.png", width=800,
-                                                                 height=450, scale=1)
+    sweep = dynamic.metrics["threshold_sweep"]  # seed 0's top-p model at each inference threshold
+    tradeoff = viz.tradeoff_curve([point["experts_per_token"]["mean"] for point in sweep],
+                                  [point["accuracy"]["mean"] for point in sweep],
+                                  labels=[f"p={point['p']:g}" for point in sweep], x_title="experts per token",
+                                  y_title="test accuracy", title="moving top-p after training (one model)")
+    tradeoff.write_image(out / "top-p-tradeoff.png", width=800, height=450, scale=1)
     dit = run_dit(ctx=ctx, variants=["expert race"])
     dit.figures["samples: expert race"].write_image(out / "dit-samples.png", width=700, height=900, scale=1)
     for path in sorted(out.glob("*.png")):
