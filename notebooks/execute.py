@@ -7,6 +7,11 @@ The outputs policy (tests/test_notebooks.py and tests/test_repo.py enforce it): 
 has outputs has an execution count from a real run; no ``metadata.widgets`` (widget state GitHub can't
 render) and no Colab metadata are stored; the kernelspec is the one JupyterLab writes (else opening a
 notebook marks it modified); outputs carry no trace of the machine they ran on (:func:`scrub`).
+
+Each notebook runs with a fresh, empty cache root (``MOE_LITE_CACHE`` set to a temporary folder for its
+kernel, shown as ``~/.cache/moe_lite`` in the outputs), so its stored outputs are what a learner sees on
+first opening it: the shipped models loaded (``moe_lite/checkpoints``), anything else trained, never a
+model from this machine's own cache (``tests/test_shipped.py`` checks that).
 """
 from __future__ import annotations
 
@@ -14,8 +19,10 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import nbformat
 from nbclient import NotebookClient
@@ -60,15 +67,18 @@ def _is_plotly_loader(output) -> bool:
     return set(data) == {"text/html"} and "window.PlotlyConfig" in html and "Plotly.newPlot" not in html
 
 
-def scrub(nb: nbformat.NotebookNode, root: Path = HERE.parent) -> nbformat.NotebookNode:
+def scrub(nb: nbformat.NotebookNode, root: Path = HERE.parent,
+          cache_root: Optional[Path] = None) -> nbformat.NotebookNode:
     """Stored outputs say what a learner needs, not where the notebook ran.
 
-    Paths inside the project ``root`` become relative to it and the home folder becomes ``~``; a torch
+    Paths inside the project ``root`` become relative to it, the ``cache_root`` the notebook ran with
+    becomes the default ``~/.cache/moe_lite`` and the home folder becomes ``~``; a torch
     local build tag (``+cu132``) is dropped; a plotly figure keeps only its JSON, which JupyterLab,
     Notebook 7 and VS Code draw offline (an HTML copy beside it would load plotly.js from a CDN), and
     plotly's loader outputs (plotly.js itself, or a CDN import) are removed.
     """
-    replacements = [(str(root) + os.sep, ""), (str(root), ".")]
+    replacements = [(str(cache_root), "~/.cache/moe_lite")] if cache_root is not None else []
+    replacements += [(str(root) + os.sep, ""), (str(root), ".")]
     home = str(Path.home())
     if len(home) > 1:
         replacements += [(home + os.sep, "~/"), (home, "~")]
@@ -88,13 +98,17 @@ def scrub(nb: nbformat.NotebookNode, root: Path = HERE.parent) -> nbformat.Noteb
 
 
 def execute(path: Path, size: str, timeout: int = 1800) -> float:
+    """Run notebook ``path`` at ``size`` with an empty cache root and store its scrubbed outputs."""
     nb = nbformat.read(path, as_version=4)
-    os.environ["MOE_LITE_SIZE"] = size
-    start = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    seconds = time.perf_counter() - start
-    nbformat.write(clean(scrub(nb)), path)
+    with tempfile.TemporaryDirectory(prefix="moe_lite-first-open-") as cache_root:
+        # the kernel inherits this script's environment: the only way to hand it the size and cache
+        os.environ["MOE_LITE_SIZE"] = size
+        os.environ["MOE_LITE_CACHE"] = cache_root
+        start = time.perf_counter()
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+        seconds = time.perf_counter() - start
+        nbformat.write(clean(scrub(nb, cache_root=Path(cache_root))), path)
     return seconds
 
 

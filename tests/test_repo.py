@@ -123,7 +123,8 @@ def test_executor_scrubs_machine_details():
     nb = {"metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
           "cells": [{"cell_type": "code", "metadata": {}, "source": "", "outputs": [
               {"output_type": "stream", "name": "stdout",
-               "text": f"from embedded subset ({ROOT}/data/x.npz)\nmoe_lite: torch 2.15.0+cu132, 1 thread\n"},
+               "text": f"from embedded subset ({ROOT}/data/x.npz)\nmoe_lite: torch 2.15.0+cu132, 1 thread\n"
+                       f"saved to /tmp/moe_lite-first-open-x/fmnist.pt\n"},
               {"output_type": "display_data", "metadata": {},
                "data": {"application/vnd.plotly.v1+json": {"data": []},
                         "text/html": '<script src="https://cdn.plot.ly/plotly-4.1.1.min.js"></script>'}},
@@ -132,9 +133,10 @@ def test_executor_scrubs_machine_details():
                   '<script type="module">import "https://cdn.plot.ly/plotly-4.1.1.min"</script>']}},
               {"output_type": "error", "ename": "E", "evalue": "",
                "traceback": [f"File {Path.home()}/x.py, line 1"]}]}]}
-    nb = ex.clean(ex.scrub(nb, ROOT))
+    nb = ex.clean(ex.scrub(nb, ROOT, cache_root=Path("/tmp/moe_lite-first-open-x")))
     outs = nb["cells"][0]["outputs"]
-    assert outs[0]["text"] == "from embedded subset (data/x.npz)\nmoe_lite: torch 2.15.0, 1 thread\n"
+    assert outs[0]["text"] == ("from embedded subset (data/x.npz)\nmoe_lite: torch 2.15.0, 1 thread\n"
+                               "saved to ~/.cache/moe_lite/fmnist.pt\n")  # the notebook's empty cache root
     assert set(outs[1]["data"]) == {"application/vnd.plotly.v1+json"}  # the CDN page is dropped
     assert len(outs) == 3, "plotly's CDN loader output is dropped"
     assert outs[2]["traceback"] == ["File ~/x.py, line 1"]
