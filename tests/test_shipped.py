@@ -17,7 +17,7 @@ from moe_lite.experiments.common import StepStats, cached_fit, shipped_key
 from moe_lite.experiments.core import Dataset, RunContext
 from moe_lite.experiments.registry import EXPERIMENTS
 from moe_lite.experiments.runner import run as run_experiment
-from moe_lite.experiments.ship import NOTEBOOK_RUNS, SMALL_TENSOR, slim
+from moe_lite.experiments.ship import NOTEBOOK_RUNS, SMALL_TENSOR, ship_runs, slim
 from moe_lite.settings import Settings
 from moe_lite.train import ClassificationTask, TrainConfig, atomic_save, read_checkpoint
 
@@ -333,3 +333,24 @@ def test_every_run_function_passes_shipped_on(module, function, monkeypatch):
     getattr(mod, function)("smoke")
     getattr(mod, function)("smoke", shipped=False)
     assert [c["shipped"] for c in calls] == [True, False]
+
+
+def test_shipping_the_notebooks_prunes_files_no_run_wrote(trained, tmp_path, monkeypatch, capsys):
+    """``ship --notebooks`` ships everything at its size: a file left from a key that changed goes."""
+    ctx, path, _, _ = trained
+    monkeypatch.setattr("moe_lite.experiments.ship.run", lambda experiment, run_ctx, variants=None:
+                        run_ctx.checkpoints_used.append(path))
+    dest = tmp_path / "dest"
+    stale = dest / "smoke" / "test" / "tiny-run-0000000000000000.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    other_size = dest / "quick" / "test" / "kept-0000000000000000.pt"
+    other_size.parent.mkdir(parents=True)
+    other_size.write_bytes(b"another size")
+    written = ship_runs([("zoo", None)], size="smoke", cache=ctx.cache_dir, dest=dest, prune=True)
+    assert [target for target, _ in written] == [dest / "smoke" / "test" / path.name]
+    assert not stale.exists() and other_size.exists() and (dest / "smoke" / "test" / path.name).is_file()
+    assert "removed" in capsys.readouterr().out
+    stale.write_bytes(b"old")
+    ship_runs([("zoo", None)], size="smoke", cache=ctx.cache_dir, dest=dest)  # no prune: left alone
+    assert stale.exists()

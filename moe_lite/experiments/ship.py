@@ -52,8 +52,9 @@ SMALL_TENSOR = 1024
 def slim(payload: Dict[str, Any], key: str, dtype: torch.dtype = torch.float16,
          small: int = SMALL_TENSOR) -> Dict[str, Any]:
     """A shipped copy of checkpoint ``payload`` for cache key ``key``: floating-point model weights in
-    ``dtype`` (a tensor of fewer than ``small`` values, or one that would overflow it, stays as it was), buffers, history, config (without its checkpoint path) and callback states; no
-    optimizer, scheduler, scaler or RNG state (the training RNGs' nor the data loaders')."""
+    ``dtype`` (a tensor of fewer than ``small`` values, or one that would overflow it, stays as it
+    was), buffers, history, config (without its checkpoint path) and callback states; no optimizer,
+    scheduler, scaler or RNG state (the training RNGs' nor the data loaders')."""
     def cast(value: Any) -> Any:
         if (not isinstance(value, Tensor) or not value.is_floating_point() or value.dtype == dtype
                 or value.numel() < small):
@@ -81,9 +82,10 @@ def ship(experiments: Sequence[str], size: str = "quick", seeds: Sequence[int] =
 
 def ship_runs(runs: Sequence[Tuple[str, Optional[Sequence[str]]]], size: str = "quick", seeds: Sequence[int] = (0,),
               cache: Any = "default", dest: Path = SHIPPED_DIR, dtype: torch.dtype = torch.float16,
-              data: str = "auto") -> List[Tuple[Path, int]]:
+              data: str = "auto", prune: bool = False) -> List[Tuple[Path, int]]:
     """:func:`ship` for ``runs``, each ``(experiment, variants or None)``; a checkpoint two runs share
-    (notebook 04's dense ViT) is written once."""
+    (notebook 04's dense ViT) is written once. ``prune``: ``runs`` are everything that ships at
+    ``size``, so a file under ``dest/<size>`` that they did not write (a key that changed) is deleted."""
     unknown = [name for name, _ in runs if name not in EXPERIMENTS]
     if unknown:
         raise UsageError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
@@ -111,6 +113,12 @@ def ship_runs(runs: Sequence[Tuple[str, Optional[Sequence[str]]]], size: str = "
         total += size_bytes
         print(f"{size_bytes / 1e6:8.3f} MB  {target}")
     print(f"{total / 1e6:8.3f} MB  in {len(written)} files")
+    if prune:
+        kept = {target.resolve() for target, _ in written}
+        for stale in sorted((Path(dest) / size).rglob("*.pt")):
+            if stale.resolve() not in kept:
+                stale.unlink()
+                print(f"removed {stale} (no run of the notebooks uses it)")
     return written
 
 
@@ -135,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if args.variants is not None:
                 raise UsageError("--variants goes with --experiments; --notebooks ships each notebook's own")
             ship_runs([run for runs in NOTEBOOK_RUNS.values() for run in runs], args.size, args.seeds,
-                      args.cache, args.dest, dtype, args.data)
+                      args.cache, args.dest, dtype, args.data, prune=True)
         else:
             ship(args.experiments, args.size, args.seeds, args.variants, args.cache, args.dest, dtype, args.data)
     except UsageError as err:
