@@ -25,7 +25,7 @@ from torch import Tensor
 from ..train import atomic_save, read_checkpoint
 from .common import shipped_key
 from .core import SHIPPED_DIR, SIZES, RunContext, UsageError
-from .registry import EXPERIMENTS
+from .registry import EXPERIMENTS, check_variants
 from .runner import run
 
 
@@ -90,8 +90,7 @@ def ship_runs(runs: Sequence[Tuple[str, Optional[Sequence[str]]]], size: str = "
     if unknown:
         raise UsageError(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
     for name, variants in runs:
-        if variants is not None:
-            EXPERIMENTS[name].select(variants)  # a clear error before anything trains
+        check_variants([name], variants)  # a clear error before anything trains
     ctx = RunContext.create(size, seeds, device="cpu", data=data, progress=False, cache=cache, shipped=False)
     if ctx.cache_dir is None:
         raise UsageError("ship copies from the user cache: cache=None has none")

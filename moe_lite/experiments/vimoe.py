@@ -153,7 +153,8 @@ VIMOE = Experiment(
 def run_vimoe(size: Optional[str] = None, *, seeds: Optional[Sequence[int]] = None, device: str = "auto",
               data: str = "auto", progress: bool = True, variants: Sequence[str] = DEFAULT_VARIANTS,
               n_per_class: Optional[int] = None, ctx: Optional[RunContext] = None,
-              routing_views: bool = True, references: bool = True, settings: Any = None, shipped: bool = True) -> ExperimentResult:
+              routing_views: bool = True, references: bool = True, settings: Any = None,
+              shipped: bool = True) -> ExperimentResult:
     """Train each variant (default: the dense ViT and ViMoE with a shared expert, last-2 placement)
     for every seed; report accuracy (mean and spread over seeds), parameters, routing statistics,
     class x expert maps per MoE layer and test images with each patch coloured by its expert.
